@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Everything a fresh machine needs, behind the README's two commands:
+#
+#   bash scripts/dev.sh demo    set up, start Kafka + Redis, load features, run the worker and a demo producer
+#   bash scripts/dev.sh test    set up, start Kafka + Redis, run the test suite, stop what it started
+#
+# Set-up is idempotent: Debian packages only when missing, the venv only when pyproject.toml changed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=$ROOT/.venv
+PY=$VENV/bin/python
+cd "$ROOT"
+
+log() { echo "[dev] $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+pick_python() {
+  for candidate in python3.13 python3.12 python3.11 python3; do
+    if command -v "$candidate" >/dev/null &&
+       "$candidate" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$candidate"; return
+    fi
+  done
+  log "no Python >= 3.11 with venv found; installing Debian's python3-venv"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3 python3-venv >/dev/null
+  echo python3
+}
+
+setup_venv() {
+  local stamp=$VENV/.installed hash
+  hash=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$hash" ]; then return; fi
+  if [ ! -x "$PY" ]; then
+    log "creating $VENV"
+    "$(pick_python)" -m venv "$VENV"
+  fi
+  log "installing the project and its dev dependencies (first time: a few minutes)"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q -e ".[dev]"
+  echo "$hash" > "$stamp"
+}
+
+stack_up() { PYTHON=$PY bash "$ROOT/scripts/stack.sh" up; }
+stack_down() { PYTHON=$PY bash "$ROOT/scripts/stack.sh" down || true; }
+
+run_tests() {
+  setup_venv
+  stack_up
+  trap stack_down EXIT
+  "$PY" -m pytest "$@"
+}
+
+run_demo() {
+  setup_venv
+  stack_up
+  exec "$VENV/bin/fraudscore" demo "$@"
+}
+
+case "${1:-}" in
+  setup) setup_venv ;;
+  test) shift; run_tests "$@" ;;
+  demo) shift; run_demo "$@" ;;
+  *) echo "usage: $0 setup|test|demo [args]" >&2; exit 2 ;;
+esac

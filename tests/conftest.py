@@ -1,0 +1,78 @@
+"""Shared fixtures: the real local Kafka broker and Redis, started once per test session.
+
+If both already answer on the configured addresses they are reused (and left running);
+otherwise ``scripts/stack.sh up`` starts them and ``down`` stops them at the end.
+Each Kafka test gets its own topic names, so tests never see each other's messages.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+from workers.settings import REPO_ROOT, KafkaSettings, Settings, load_settings
+
+STACK_SCRIPT = REPO_ROOT / "scripts" / "stack.sh"
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _stack_running(settings: Settings) -> bool:
+    kafka_host, kafka_port = settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)
+    redis = urlparse(settings.redis.url)
+    return _port_open(kafka_host, int(kafka_port)) and _port_open(redis.hostname, redis.port)
+
+
+@pytest.fixture(scope="session")
+def local_stack() -> Iterator[Settings]:
+    """The settings of a running local stack (Kafka + Redis)."""
+    settings = load_settings()
+    started_here = not _stack_running(settings)
+    if started_here:
+        # PYTHON: the stack script reads the settings with this interpreter (the test venv).
+        env = {**os.environ, "PYTHON": sys.executable}
+        subprocess.run(["bash", str(STACK_SCRIPT), "up"], check=True, env=env)
+    yield settings
+    if started_here:
+        subprocess.run(["bash", str(STACK_SCRIPT), "down"], check=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(local_stack: Settings) -> str:
+    return local_stack.kafka.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def redis_url(local_stack: Settings) -> str:
+    return local_stack.redis.url
+
+
+@pytest.fixture
+def kafka_topics(local_stack: Settings, request: pytest.FixtureRequest) -> Iterator[KafkaSettings]:
+    """Kafka settings whose topics and group are unique to this test, created empty."""
+    from workers.kafka.admin import default_topics, delete_topics, ensure_topics
+
+    suffix = f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
+    kafka = local_stack.kafka.model_copy(
+        update={
+            "transactions_topic": f"transactions-{suffix}",
+            "decisions_topic": f"decisions-{suffix}",
+            "dlq_topic": f"transactions.dlq-{suffix}",
+            "group_id": f"fraudscore-{suffix}",
+        }
+    )
+    topics = default_topics(kafka)
+    ensure_topics(kafka, topics)
+    yield kafka
+    delete_topics(kafka, list(topics))

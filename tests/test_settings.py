@@ -1,0 +1,55 @@
+"""One configuration object: defaults, env vars, a TOML file, librdkafka pass-through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workers.settings import REPO_ROOT, load_settings
+
+
+def test_env_vars_override_nested_sections(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRAUDSCORE_KAFKA__BOOTSTRAP_SERVERS", "10.0.0.1:9092")
+    monkeypatch.setenv("FRAUDSCORE_ENGINE__MAX_BATCH_SIZE", "64")
+    monkeypatch.setenv("FRAUDSCORE_KAFKA__CONSUMER", '{"fetch.min.bytes": 1}')
+    settings = load_settings()
+    assert settings.kafka.bootstrap_servers == "10.0.0.1:9092"
+    assert settings.engine.max_batch_size == 64
+    assert settings.kafka.consumer == {"fetch.min.bytes": 1}
+
+
+def test_toml_file_is_read_and_env_wins_over_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "fraudscore.toml"
+    config.write_text(
+        '[kafka]\ngroup_id = "from-file"\ndelivery = "exactly-once"\n'
+        '[kafka.producer]\n"compression.type" = "lz4"\n'
+        "[redis]\ntimeout_ms = 5\n"
+    )
+    monkeypatch.setenv("FRAUDSCORE_CONFIG", str(config))
+    monkeypatch.setenv("FRAUDSCORE_REDIS__TIMEOUT_MS", "7")
+    settings = load_settings()
+    assert settings.kafka.group_id == "from-file"
+    assert settings.kafka.delivery == "exactly-once"
+    assert settings.kafka.producer == {"compression.type": "lz4"}
+    assert settings.redis.timeout_ms == 7
+
+
+def test_invalid_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRAUDSCORE_KAFKA__DELIVERY", "at-most-twice")
+    with pytest.raises(ValueError, match="delivery"):
+        load_settings()
+
+
+def test_docker_compose_uses_the_same_addresses_as_the_settings() -> None:
+    """The Docker path and the no-Docker path must point the worker at the same places."""
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    settings = load_settings()
+    services = compose["services"]
+    kafka_port = settings.kafka.bootstrap_servers.rsplit(":", 1)[1]
+    redis_port = settings.redis.url.rsplit(":", 1)[1].split("/")[0]
+    kafka_env = services["kafka"]["environment"]
+    assert f"PLAINTEXT://127.0.0.1:{kafka_port}" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+    assert redis_port in " ".join(services["redis"]["command"])
+    assert str(settings.metrics.port) in (REPO_ROOT / "deploy" / "prometheus.yml").read_text()

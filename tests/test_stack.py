@@ -1,0 +1,53 @@
+"""The real local broker and Redis answer, and round-trip data."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+from confluent_kafka import Consumer, Producer
+
+from workers.settings import KafkaSettings
+
+pytestmark = [pytest.mark.kafka, pytest.mark.redis]
+
+
+def test_kafka_produce_then_consume_round_trips_keys_and_values(kafka_topics: KafkaSettings) -> None:
+    sent = {f"key-{i}".encode(): uuid.uuid4().bytes for i in range(50)}
+    producer = Producer({"bootstrap.servers": kafka_topics.bootstrap_servers, "enable.idempotence": True})
+    for key, value in sent.items():
+        producer.produce(kafka_topics.transactions_topic, key=key, value=value)
+    assert producer.flush(15) == 0, "messages not acknowledged by the broker"
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka_topics.bootstrap_servers,
+            "group.id": kafka_topics.group_id,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([kafka_topics.transactions_topic])
+    received: dict[bytes, bytes] = {}
+    try:
+        for _ in range(60):
+            for message in consumer.consume(num_messages=100, timeout=0.5):
+                assert message.error() is None, message.error()
+                received[message.key()] = message.value()
+            if len(received) == len(sent):
+                break
+    finally:
+        consumer.close()
+    assert received == sent
+
+
+def test_redis_write_then_read(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    key = f"test:{uuid.uuid4().hex}"
+    client.hset(key, mapping={"a": "1", "b": "2"})
+    try:
+        assert client.hgetall(key) == {b"a": b"1", b"b": b"2"}
+        assert client.info("persistence")["aof_enabled"] == 0
+    finally:
+        client.delete(key)

@@ -1,0 +1,1 @@
+"""Feature contract, offline computation and online reads."""

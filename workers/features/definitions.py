@@ -1,0 +1,132 @@
+"""The feature contract, defined once for training and serving.
+
+Names, order and defaults live here and nowhere else. The offline pipeline (training)
+and the online assembly (serving) both build the model input with ``assemble`` and
+``request_time_features`` below, so the two cannot drift apart; the ordered names are
+written into the ONNX model's metadata and compared when a model is loaded.
+
+Windowed aggregates follow the Fraud Detection Handbook's baseline features:
+- per customer, over the last 1/7/30 days *before* the transaction (the current one is
+  excluded, because that is what the online store holds when the transaction arrives):
+  number of transactions and mean amount;
+- per terminal, over 1/7/30 day windows that end ``TERMINAL_LABEL_DELAY_DAYS`` before
+  the transaction (fraud labels arrive late): number of transactions and fraud ratio.
+Entities without history in a window get 0, in training and in serving alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+WINDOWS_DAYS = (1, 7, 30)
+TERMINAL_LABEL_DELAY_DAYS = 7
+NIGHT_END_HOUR = 6  # a transaction before 06:00 UTC counts as night, as in the Handbook
+
+CUSTOMER_ENTITY = "customer"
+CUSTOMER_JOIN_KEY = "customer_id"
+TERMINAL_ENTITY = "terminal"
+TERMINAL_JOIN_KEY = "terminal_id"
+CUSTOMER_VIEW = "customer_spending"
+TERMINAL_VIEW = "terminal_risk"
+
+CUSTOMER_FEATURES = tuple(
+    name
+    for days in WINDOWS_DAYS
+    for name in (f"customer_nb_tx_{days}d", f"customer_avg_amount_{days}d")
+)
+TERMINAL_FEATURES = tuple(
+    name for days in WINDOWS_DAYS for name in (f"terminal_nb_tx_{days}d", f"terminal_risk_{days}d")
+)
+REQUEST_FEATURES = (
+    "tx_amount",
+    "tx_during_weekend",
+    "tx_during_night",
+    "amount_over_customer_avg_30d",
+)
+
+# The model input, in this exact order.
+FEATURE_NAMES: tuple[str, ...] = REQUEST_FEATURES + CUSTOMER_FEATURES + TERMINAL_FEATURES
+N_FEATURES = len(FEATURE_NAMES)
+FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+# Value used for an entity the online store does not know (a new card or terminal).
+ENTITY_DEFAULT = 0.0
+# amount / customer mean is undefined without history: 1.0 means "as usual".
+RATIO_DEFAULT = 1.0
+
+# Key under which the ordered names are stored in ONNX model metadata (JSON list).
+MODEL_METADATA_KEY = "feature_names"
+
+_US_PER_HOUR = 3_600_000_000
+_US_PER_DAY = 24 * _US_PER_HOUR
+# 1970-01-01 was a Thursday: weekday index (Monday=0) of day 0 is 3.
+_EPOCH_WEEKDAY = 3
+
+
+@dataclass(frozen=True)
+class FeatureContractError(ValueError):
+    """A model expects other features, or another order, than the serving definition."""
+
+    expected: tuple[str, ...]
+    found: tuple[str, ...]
+
+    def __str__(self) -> str:
+        missing = [n for n in self.expected if n not in self.found]
+        extra = [n for n in self.found if n not in self.expected]
+        detail = f"missing {missing}, unexpected {extra}" if missing or extra else "same names, other order"
+        return (
+            f"feature contract mismatch: the model was trained on {len(self.found)} features "
+            f"that differ from the serving definition ({len(self.expected)} features): {detail}"
+        )
+
+
+def check_contract(model_feature_names: tuple[str, ...] | list[str]) -> None:
+    """Raises ``FeatureContractError`` unless the model expects exactly ``FEATURE_NAMES``."""
+    found = tuple(model_feature_names)
+    if found != FEATURE_NAMES:
+        raise FeatureContractError(expected=FEATURE_NAMES, found=found)
+
+
+def request_time_features(
+    amount: np.ndarray,
+    event_time_us: np.ndarray,
+    customer_avg_amount_30d: np.ndarray,
+    customer_nb_tx_30d: np.ndarray,
+) -> np.ndarray:
+    """The request-time columns, vectorised; shape (n, len(REQUEST_FEATURES)), float32."""
+    amount = np.asarray(amount, dtype=np.float64)
+    event_time_us = np.asarray(event_time_us, dtype=np.int64)
+    day = event_time_us // _US_PER_DAY
+    hour = (event_time_us % _US_PER_DAY) // _US_PER_HOUR
+    weekday = (day + _EPOCH_WEEKDAY) % 7
+    avg = np.asarray(customer_avg_amount_30d, dtype=np.float64)
+    has_history = (np.asarray(customer_nb_tx_30d) > 0) & (avg > 0)
+    ratio = np.divide(amount, avg, out=np.full_like(amount, RATIO_DEFAULT), where=has_history)
+    out = np.empty((amount.shape[0], len(REQUEST_FEATURES)), dtype=np.float32)
+    out[:, 0] = amount
+    out[:, 1] = weekday >= 5
+    out[:, 2] = hour < NIGHT_END_HOUR
+    out[:, 3] = ratio
+    return out
+
+
+def assemble(
+    amount: np.ndarray,
+    event_time_us: np.ndarray,
+    customer: np.ndarray,
+    terminal: np.ndarray,
+) -> np.ndarray:
+    """The model input matrix (n, N_FEATURES) float32 in ``FEATURE_NAMES`` order.
+
+    ``customer`` is (n, len(CUSTOMER_FEATURES)) and ``terminal`` is
+    (n, len(TERMINAL_FEATURES)), columns in the order of those tuples, with
+    ``ENTITY_DEFAULT`` already filled in for unknown entities.
+    """
+    customer = np.asarray(customer, dtype=np.float32)
+    terminal = np.asarray(terminal, dtype=np.float32)
+    avg_30d = customer[:, CUSTOMER_FEATURES.index("customer_avg_amount_30d")]
+    nb_30d = customer[:, CUSTOMER_FEATURES.index("customer_nb_tx_30d")]
+    request = request_time_features(amount, event_time_us, avg_30d, nb_30d)
+    return np.concatenate([request, customer, terminal], axis=1)

@@ -1,0 +1,1 @@
+"""Thin adapters over confluent-kafka: configuration, admin, consumer and producer wrappers."""

@@ -1,0 +1,64 @@
+"""Broker readiness and topic creation."""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from workers.settings import KafkaSettings
+
+
+def admin_client(kafka: KafkaSettings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+
+
+def wait_until_ready(kafka: KafkaSettings, timeout_s: float = 60.0) -> None:
+    """Blocks until the broker answers a metadata request, or raises TimeoutError."""
+    admin = admin_client(kafka)
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            metadata = admin.list_topics(timeout=2)
+            if metadata.brokers:
+                return
+        except KafkaException as exc:
+            last_error = exc
+        time.sleep(0.5)
+    raise TimeoutError(f"Kafka at {kafka.bootstrap_servers} not ready after {timeout_s}s: {last_error}")
+
+
+def ensure_topics(kafka: KafkaSettings, topics: dict[str, int], timeout_s: float = 30.0) -> list[str]:
+    """Creates the missing topics (name -> partitions); returns the names it created."""
+    admin = admin_client(kafka)
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    missing = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing]
+    if not missing:
+        return []
+    for name, future in admin.create_topics(missing, operation_timeout=timeout_s).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+    return [t.topic for t in missing]
+
+
+def default_topics(kafka: KafkaSettings) -> dict[str, int]:
+    return {
+        kafka.transactions_topic: kafka.transactions_partitions,
+        kafka.decisions_topic: kafka.transactions_partitions,
+        kafka.dlq_topic: 1,
+    }
+
+
+def delete_topics(kafka: KafkaSettings, names: list[str], timeout_s: float = 30.0) -> None:
+    if not names:
+        return
+    for future in admin_client(kafka).delete_topics(names, operation_timeout=timeout_s).values():
+        try:
+            future.result()
+        except KafkaException:
+            pass  # already gone: deleting is best-effort clean-up

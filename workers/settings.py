@@ -1,0 +1,138 @@
+"""The one configuration object of the worker.
+
+Values come, highest priority first, from: keyword arguments, environment variables
+(prefix ``FRAUDSCORE_``, nested sections joined by ``__``, e.g.
+``FRAUDSCORE_KAFKA__BOOTSTRAP_SERVERS``), a TOML file named by ``FRAUDSCORE_CONFIG``,
+and the defaults below. The defaults match the local stack started by
+``scripts/stack.sh`` and ``docker-compose.yml`` so both paths share one configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    transactions_topic: str = "transactions"
+    decisions_topic: str = "decisions"
+    dlq_topic: str = "transactions.dlq"
+    transactions_partitions: int = 6
+    group_id: str = "fraudscore"
+    # Messages fetched per consume() call: one call per batch is far cheaper than poll() per message.
+    consume_batch: int = 2000
+    consume_timeout_s: float = 0.005
+    # at-least-once: commit offsets after the broker acknowledged the decisions.
+    # exactly-once: Kafka transactions, offsets committed inside the transaction.
+    delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
+    transaction_commit_interval_ms: int = 100
+    transactional_id_prefix: str = "fraudscore"
+    decision_format: Literal["json", "protobuf"] = "json"
+    # librdkafka properties passed through unchanged; they override ours.
+    consumer: dict[str, Any] = Field(default_factory=dict)
+    producer: dict[str, Any] = Field(default_factory=dict)
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:16379/0"
+    # An online-store read slower than this yields a degraded decision, not a late one.
+    timeout_ms: float = 20.0
+
+
+class FeastSettings(BaseModel):
+    repo_path: Path = REPO_ROOT / "feature_repo"
+    project: str = "fraudscore"
+    # "feast": the SDK's get_online_features; "lean": one Redis pipeline over Feast's layout.
+    reader: Literal["feast", "lean"] = "lean"
+
+
+class ModelSettings(BaseModel):
+    directory: Path = REPO_ROOT / "models"
+    name: str = "mlp"
+    version: str = "latest"
+    reload_poll_s: float = 2.0
+
+
+class PoolSettings(BaseModel):
+    """A pool of ONNX Runtime sessions on one device."""
+
+    device: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    sessions: int = 1
+    intra_op_threads: int = 1
+    trt_engine_cache: Path = REPO_ROOT / ".stack" / "trt-cache"
+
+
+class EngineSettings(BaseModel):
+    max_batch_size: int = 1024
+    max_queue_delay_ms: float = 2.0
+    queue_capacity_rows: int = 50_000
+    default_budget_ms: float = 10.0
+    # GPU pools are used only when their execution providers are present.
+    gpu_pools: list[PoolSettings] = Field(
+        default_factory=lambda: [PoolSettings(device="tensorrt"), PoolSettings(device="cuda")]
+    )
+    cpu_pool: PoolSettings = Field(default_factory=PoolSettings)
+
+
+class GrpcSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 50051
+    processes: int = 1
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set to require client certificates (mutual TLS)
+    bearer_token: str | None = None
+    rest_port: int = 8080
+
+
+class MetricsSettings(BaseModel):
+    host: str = "0.0.0.0"
+    port: int = 9108
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FRAUDSCORE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    feast: FeastSettings = Field(default_factory=FeastSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("FRAUDSCORE_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)
