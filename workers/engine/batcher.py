@@ -1,0 +1,198 @@
+"""One bounded queue for every source, handing out adaptive batches.
+
+A request is a short list of transactions (gRPC: 1, Kafka: a chunk of a consume() batch)
+with a deadline and a priority. Executors call ``next_batch`` whenever they are free:
+
+- Order: sync (gRPC) before stream (Kafka), then earliest deadline first, then arrival.
+- Size: up to ``max_batch_rows``. A request larger than that is dispatched alone, never
+  split, so each request's decisions come back in one callback.
+- Waiting: a batch goes out at once when the queue holds at least the adaptive target.
+  The target is (EWMA arrival rate) x (EWMA service time per batch), clamped to
+  [1, max_batch_rows]: at low load it is 1, so nothing waits. Under load a free executor
+  waits for company, but never past the oldest request's enqueue time + max queue delay,
+  nor past the head request's deadline minus the expected service time.
+- Bound: ``capacity_rows``; ``submit`` returns False at once when full (back-pressure).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from workers import metrics
+from workers.records import Transaction
+
+# Time constant of the EWMAs: long enough to smooth bursts of a few ms, short enough that
+# the target falls back to 1 within a fraction of a second once the load goes away.
+RATE_TIME_CONSTANT_S = 0.1
+SERVICE_EWMA_ALPHA = 0.2
+
+
+class Priority(enum.IntEnum):
+    """Lower sorts first."""
+
+    SYNC = 0  # a caller is waiting (gRPC)
+    STREAM = 1  # a stream processor (Kafka)
+
+
+DoneCallback = Callable[[list, Any], None]
+
+
+class Request:
+    """One unit of work: its transactions are decided together and answered in one callback."""
+
+    __slots__ = ("txns", "deadline_ns", "priority", "on_done", "enqueued_ns")
+
+    def __init__(
+        self,
+        txns: Sequence[Transaction],
+        deadline_ns: int,
+        priority: Priority,
+        on_done: DoneCallback,
+        enqueued_ns: int,
+    ) -> None:
+        self.txns = txns
+        self.deadline_ns = deadline_ns
+        self.priority = priority
+        self.on_done = on_done
+        self.enqueued_ns = enqueued_ns
+
+
+class Batcher:
+    def __init__(
+        self,
+        max_batch_rows: int,
+        max_queue_delay_s: float,
+        capacity_rows: int,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        if max_batch_rows < 1 or capacity_rows < 1:
+            raise ValueError("max_batch_rows and capacity_rows must be >= 1")
+        self.max_batch_rows = max_batch_rows
+        self.max_queue_delay_ns = int(max_queue_delay_s * 1e9)
+        self.capacity_rows = capacity_rows
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[int, int, int, Request]] = []
+        self._seq = itertools.count()
+        self._queued_rows = 0
+        self._closed = False
+        # Adaptive target state.
+        self._arrived_rows = 0
+        self._rate_mark_ns = clock()
+        self._rate_rows_per_s = 0.0
+        self._service_s = 0.0
+        self._target = 1
+
+    # --- producer side ---------------------------------------------------------------
+    def submit(self, request: Request) -> bool:
+        """Queues a request; False (immediately) when the queue is full or closed."""
+        rows = len(request.txns)
+        if rows > self.capacity_rows:
+            raise ValueError(f"a request of {rows} rows can never fit a queue of {self.capacity_rows}")
+        with self._cond:
+            if self._closed or self._queued_rows + rows > self.capacity_rows:
+                rejected = True
+            else:
+                rejected = False
+                entry = (request.priority, request.deadline_ns, next(self._seq), request)
+                heapq.heappush(self._heap, entry)
+                self._queued_rows += rows
+                self._arrived_rows += rows
+                self._cond.notify()
+        if rejected:
+            metrics.QUEUE_REJECTED.labels(request.priority.name.lower()).inc(rows)
+        return not rejected
+
+    # --- executor side ---------------------------------------------------------------
+    def next_batch(self) -> list[Request] | None:
+        """Blocks until a batch is due; None once closed and empty."""
+        with self._cond:
+            while True:
+                if not self._heap:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                    continue
+                now = self._clock()
+                self._update_target(now)
+                wait_s = self._company_wait_s(now)
+                if wait_s <= 0 or self._closed:
+                    return self._take_batch()
+                self._cond.wait(wait_s)
+
+    def record_service(self, seconds: float) -> None:
+        """Executors report how long a batch took end to end (enrich + score + decide)."""
+        with self._cond:
+            if self._service_s == 0.0:
+                self._service_s = seconds
+            else:
+                self._service_s += SERVICE_EWMA_ALPHA * (seconds - self._service_s)
+
+    def close(self, drain: bool) -> list[Request]:
+        """Stops accepting; without drain, returns the requests still queued (unanswered)."""
+        with self._cond:
+            self._closed = True
+            abandoned: list[Request] = []
+            if not drain:
+                abandoned = [entry[3] for entry in sorted(self._heap)]
+                self._heap.clear()
+                self._queued_rows = 0
+            self._cond.notify_all()
+        return abandoned
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def target_rows(self) -> int:
+        return self._target
+
+    # --- internals (called with the lock held) ---------------------------------------
+    def _company_wait_s(self, now: int) -> float:
+        """Seconds worth waiting for more rows; <= 0 means dispatch now."""
+        if self._queued_rows >= self._target or self._queued_rows >= self.max_batch_rows:
+            return 0.0
+        # A scan, but only of a queue below the target (<= max_batch_rows requests).
+        oldest = min(entry[3].enqueued_ns for entry in self._heap)
+        head_deadline = self._heap[0][1]
+        until = min(oldest + self.max_queue_delay_ns, head_deadline - int(self._service_s * 1e9))
+        return (until - now) / 1e9
+
+    def _take_batch(self) -> list[Request]:
+        batch: list[Request] = []
+        rows = 0
+        heap = self._heap
+        while heap:
+            request = heap[0][3]
+            size = len(request.txns)
+            if batch and rows + size > self.max_batch_rows:
+                break
+            heapq.heappop(heap)
+            batch.append(request)
+            rows += size
+        self._queued_rows -= rows
+        metrics.QUEUE_DEPTH.set(self._queued_rows)
+        return batch
+
+    def _update_target(self, now: int) -> None:
+        elapsed_s = (now - self._rate_mark_ns) / 1e9
+        if elapsed_s <= 0:
+            return
+        # Time-weighted EWMA of arrivals, sampled whenever an executor looks at the queue.
+        # A long quiet spell outweighs the history at once, so the target drops back to 1.
+        weight = 1.0 - math.exp(-elapsed_s / RATE_TIME_CONSTANT_S)
+        sample = self._arrived_rows / elapsed_s
+        self._rate_rows_per_s += weight * (sample - self._rate_rows_per_s)
+        self._arrived_rows = 0
+        self._rate_mark_ns = now
+        target = int(self._rate_rows_per_s * self._service_s)
+        self._target = max(1, min(self.max_batch_rows, target))
+        metrics.BATCH_TARGET.set(self._target)

@@ -1,0 +1,123 @@
+"""Every Prometheus metric of the project, defined once, in the default registry.
+
+Names start with ``fraudscore_``; durations are histograms in seconds with buckets from
+50 us to 1 s (a whole card authorisation is ~100 ms, scoring gets tens of ms), so p99 can
+be computed from the exposition. Hot paths bind label children once (``STAGE_*`` below)
+instead of calling ``labels()`` per batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from workers.settings import Settings
+
+LATENCY_BUCKETS_S = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075,
+    0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# --- engine ---------------------------------------------------------------------------
+STAGE_LATENCY = Histogram(
+    "fraudscore_stage_latency_seconds",
+    "Time spent per pipeline stage: queue_wait, enrich, inference, decide, produce, end_to_end.",
+    ["stage"],
+    buckets=LATENCY_BUCKETS_S,
+)
+STAGE_QUEUE_WAIT = STAGE_LATENCY.labels("queue_wait")
+STAGE_ENRICH = STAGE_LATENCY.labels("enrich")
+STAGE_INFERENCE = STAGE_LATENCY.labels("inference")
+STAGE_DECIDE = STAGE_LATENCY.labels("decide")
+STAGE_PRODUCE = STAGE_LATENCY.labels("produce")
+STAGE_END_TO_END = STAGE_LATENCY.labels("end_to_end")
+
+INFERENCE_LATENCY = Histogram(
+    "fraudscore_inference_latency_seconds",
+    "ONNX Runtime run time of one batch, by session pool device (cpu, cuda, tensorrt).",
+    ["device"],
+    buckets=LATENCY_BUCKETS_S,
+)
+BATCH_SIZE = Histogram(
+    "fraudscore_batch_size_rows",
+    "Rows per dispatched batch.",
+    buckets=BATCH_ROWS_BUCKETS,
+)
+BATCH_TARGET = Gauge(
+    "fraudscore_batch_target_rows",
+    "The batcher's adaptive batch size target (arrival rate x service time).",
+)
+QUEUE_DEPTH = Gauge("fraudscore_queue_depth_rows", "Rows waiting in the batcher queue.")
+QUEUE_REJECTED = Counter(
+    "fraudscore_queue_rejected_rows_total",
+    "Rows refused because the batcher queue was full (back-pressure).",
+    ["priority"],
+)
+ROUTED_BATCHES = Counter(
+    "fraudscore_routed_batches_total",
+    "Batches sent to each session pool by the router.",
+    ["pool", "device"],
+)
+ROUTED_OVERFLOW = Counter(
+    "fraudscore_routed_overflow_batches_total",
+    "Batches that skipped a preferred pool because it would have missed the deadline.",
+    ["skipped_pool"],
+)
+DECISIONS = Counter("fraudscore_decisions_total", "Decisions by outcome.", ["outcome"])
+DEGRADED = Counter(
+    "fraudscore_degraded_decisions_total",
+    "Decisions taken by the rules fallback, by cause.",
+    ["cause"],
+)
+
+# --- models ---------------------------------------------------------------------------
+MODEL_INFO = Gauge(
+    "fraudscore_model_info",
+    "1 for the model version currently serving.",
+    ["name", "version"],
+)
+MODEL_RELOADS = Counter(
+    "fraudscore_model_reloads_total",
+    "Model (re)load attempts by result: loaded, refused.",
+    ["result"],
+)
+
+# --- Kafka worker ---------------------------------------------------------------------
+DLQ_MESSAGES = Counter(
+    "fraudscore_dlq_messages_total",
+    "Messages sent to the dead-letter topic, by reason.",
+    ["reason"],
+)
+CONSUMER_LAG = Gauge(
+    "fraudscore_consumer_lag_messages",
+    "High watermark minus committed/consumed position, by partition.",
+    ["partition"],
+)
+
+# --- gRPC service ---------------------------------------------------------------------
+GRPC_LATENCY = Histogram(
+    "fraudscore_grpc_request_latency_seconds",
+    "gRPC handling time per method.",
+    ["method"],
+    buckets=LATENCY_BUCKETS_S,
+)
+GRPC_IN_FLIGHT = Gauge("fraudscore_grpc_in_flight_requests", "Requests being handled.", ["method"])
+GRPC_DEADLINE_FALLBACKS = Counter(
+    "fraudscore_grpc_deadline_fallbacks_total",
+    "Requests answered with the rules fallback because the deadline arrived first.",
+    ["method"],
+)
+GRPC_ACTIVE_STREAMS = Gauge("fraudscore_grpc_active_streams", "Open ScoreStream calls.")
+
+
+def start_metrics_server(settings: Settings) -> tuple[object, object]:
+    """Serves /metrics of the default registry on ``settings.metrics.host:port``.
+
+    Returns prometheus_client's ``(server, thread)`` so callers can shut it down.
+    """
+    return start_http_server(settings.metrics.port, addr=settings.metrics.host)
