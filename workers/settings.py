@@ -34,11 +34,18 @@ class KafkaSettings(BaseModel):
     # Messages fetched per consume() call: one call per batch is far cheaper than poll() per message.
     consume_batch: int = 2000
     consume_timeout_s: float = 0.005
+    # Stream events have no caller waiting, so their budget is generous; past it they get the
+    # degraded rules decision rather than queueing without bound behind gRPC traffic.
+    decision_budget_ms: float = 2000.0
     # at-least-once: commit offsets after the broker acknowledged the decisions.
     # exactly-once: Kafka transactions, offsets committed inside the transaction.
     delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
     transaction_commit_interval_ms: int = 100
     transactional_id_prefix: str = "fraudscore"
+    # Stable identity of this worker process across restarts (e.g. a StatefulSet pod name).
+    # In exactly-once mode a restarted instance re-uses its transactional.id, which fences
+    # and aborts the transaction its crashed predecessor left open. Default: host-pid.
+    instance_id: str = ""
     decision_format: Literal["json", "protobuf"] = "json"
     # librdkafka properties passed through unchanged; they override ours.
     consumer: dict[str, Any] = Field(default_factory=dict)
@@ -79,7 +86,8 @@ class EngineSettings(BaseModel):
     max_queue_delay_ms: float = 2.0
     queue_capacity_rows: int = 50_000
     default_budget_ms: float = 10.0
-    # GPU pools are used only when their execution providers are present.
+    # In order of preference; the first whose execution provider is present is used, and
+    # batches it would not finish before their deadline overflow to the CPU pool.
     gpu_pools: list[PoolSettings] = Field(
         default_factory=lambda: [PoolSettings(device="tensorrt"), PoolSettings(device="cuda")]
     )
@@ -94,7 +102,18 @@ class GrpcSettings(BaseModel):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set to require client certificates (mutual TLS)
     bearer_token: str | None = None
-    rest_port: int = 8080
+    rest_port: int = 8080  # 0 disables the REST endpoint
+    # Long-lived streams: ping an idle connection every keepalive_time_s and drop it when the
+    # ack is not back within keepalive_timeout_s, so a vanished caller does not hold a stream
+    # (and its in-flight slots) forever; allow client pings down to min_client_ping_interval_s.
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    min_client_ping_interval_s: float = 10.0
+    # Requests read from one stream but not yet answered and written; past it the server stops
+    # reading, so a caller that does not read its responses gets HTTP/2 flow-control back-pressure.
+    max_in_flight_per_stream: int = 1024
+    # SIGTERM: stop accepting, answer what is in flight for up to this long, then close.
+    grace_period_s: float = 5.0
 
 
 class MetricsSettings(BaseModel):

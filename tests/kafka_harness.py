@@ -1,0 +1,142 @@
+"""Helpers for the Kafka worker tests: real worker processes, real topics, real Redis.
+
+Workers run as separate ``python -m workers serve`` processes configured through
+``FRAUDSCORE_*`` environment variables, exactly as an operator would run them, so that
+``kill -9`` and rebalances are the real thing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, Message, Producer
+
+from workers import codec
+from workers.proto.fraud.v1 import fraud_pb2
+from workers.records import Transaction
+from workers.settings import REPO_ROOT, KafkaSettings
+
+
+def worker_env(kafka: KafkaSettings, feast_env: dict[str, str], **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        **feast_env,
+        "FRAUDSCORE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "FRAUDSCORE_KAFKA__TRANSACTIONS_TOPIC": kafka.transactions_topic,
+        "FRAUDSCORE_KAFKA__DECISIONS_TOPIC": kafka.decisions_topic,
+        "FRAUDSCORE_KAFKA__DLQ_TOPIC": kafka.dlq_topic,
+        "FRAUDSCORE_KAFKA__GROUP_ID": kafka.group_id,
+        "FRAUDSCORE_KAFKA__DECISION_FORMAT": "protobuf",  # exact float32 scores
+        "FRAUDSCORE_METRICS__PORT": "0",  # any free port: several workers run at once
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited ({self.process.returncode}):\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"worker log never said {text!r}:\n{self.log()[-3000:]}")
+
+    def kill_hard(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, timeout_s: float = 40) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> WorkerProcess:
+    log_file = log_path.open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers", "serve"], env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT
+    )
+    return WorkerProcess(process, log_path)
+
+
+def produce(kafka: KafkaSettings, payloads: list[tuple[str, bytes]], content_type: str | None = None) -> None:
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5, "acks": "all",
+                         "message.max.bytes": 2_000_000})
+    headers = [("content-type", content_type)] if content_type else None
+    for key, value in payloads:
+        while True:
+            try:
+                producer.produce(kafka.transactions_topic, key=key, value=value, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def produce_transactions(kafka: KafkaSettings, txns: list[Transaction]) -> None:
+    produce(kafka, [(t.transaction_id, codec.encode_transaction_json(t)) for t in txns], codec.JSON_CONTENT_TYPE)
+
+
+@dataclass
+class Collector:
+    """Reads a topic from the beginning; keeps every message."""
+
+    kafka: KafkaSettings
+    topic: str
+    isolation: str = "read_committed"
+    messages: list[Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": self.kafka.bootstrap_servers,
+                "group.id": f"collector-{self.topic}-{time.monotonic_ns()}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "isolation.level": self.isolation,
+            }
+        )
+        self._consumer.subscribe([self.topic])
+
+    def read_until(self, done: Callable[[list[Message]], bool], timeout_s: float) -> list[Message]:
+        deadline = time.monotonic() + timeout_s
+        while not done(self.messages) and time.monotonic() < deadline:
+            for message in self._consumer.consume(num_messages=2000, timeout=0.3):
+                if message.error() is None:
+                    self.messages.append(message)
+        return self.messages
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def decisions_of(messages: list[Message]) -> list[fraud_pb2.Decision]:
+    return [fraud_pb2.Decision.FromString(m.value()) for m in messages]
+
+
+def decided_ids(messages: list[Message]) -> set[str]:
+    return {m.key().decode() for m in messages}

@@ -1,0 +1,324 @@
+"""The Kafka worker end to end: real broker, real Redis with Feast-materialized features,
+real ONNX model, real worker processes."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import redis
+
+from tests.kafka_harness import (
+    Collector,
+    decided_ids,
+    decisions_of,
+    produce,
+    produce_transactions,
+    start_worker,
+    worker_env,
+)
+from workers import codec
+from workers.features import definitions as d
+from workers.proto.fraud.v1 import fraud_pb2
+from workers.records import Transaction
+from workers.settings import KafkaSettings, Settings, load_settings
+from workers.simulator import LiveStream, SimulatorConfig
+
+pytestmark = [pytest.mark.kafka, pytest.mark.redis]
+
+# Small enough to simulate and materialize in seconds, big enough for a real population.
+SIM = SimulatorConfig(n_customers=400, n_terminals=800, n_days=45, seed=7)
+
+
+def _materialize(settings: Settings, repo: Path) -> None:
+    from workers.features import offline, store
+    from workers.simulator import simulate_transactions
+
+    transactions = simulate_transactions(SIM)
+    offline.write_snapshots(transactions, repo / "data")
+    feature_store = store.feature_store(settings)
+    store.apply(feature_store, settings)
+    store.materialize(feature_store, settings)
+
+
+def _feast_env(settings: Settings) -> dict[str, str]:
+    return {
+        "FRAUDSCORE_FEAST__REPO_PATH": str(settings.feast.repo_path),
+        "FRAUDSCORE_FEAST__PROJECT": settings.feast.project,
+        "FRAUDSCORE_REDIS__URL": settings.redis.url,
+    }
+
+
+@pytest.fixture(scope="module")
+def features(local_stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Simulated features applied and materialized into the real Redis (db 3, own project)."""
+    repo = tmp_path_factory.mktemp("feature_repo")
+    settings = load_settings(
+        feast={"repo_path": repo, "project": "kafkatest", "reader": "lean"},
+        redis={"url": local_stack.redis.url.rsplit("/", 1)[0] + "/3"},
+    )
+    redis.Redis.from_url(settings.redis.url).flushdb()
+    _materialize(settings, repo)
+    return settings
+
+
+def _live(n: int, seed: int = 1) -> list[Transaction]:
+    # The same population as the materialized features, so online features exist.
+    stream = LiveStream.create(config=SIM)
+    prefix = f"t{seed}-{time.monotonic_ns()}"
+    return [
+        Transaction(f"{prefix}-{i}", t.customer_id, t.terminal_id, t.amount, t.event_time_us)
+        for i, t in enumerate(stream.batch(n))
+    ]
+
+
+def _offline_scores(settings: Settings, txns: list[Transaction]) -> np.ndarray:
+    """Scores computed without the worker: Feast SDK read + the shared assembly + ONNX Runtime."""
+    from workers.engine.models import ModelRegistry
+    from workers.features.online import FeastSdkReader
+
+    reader = FeastSdkReader(settings)
+    customer_ids = np.array([t.customer_id for t in txns], dtype=np.int64)
+    terminal_ids = np.array([t.terminal_id for t in txns], dtype=np.int64)
+    entity = reader.read(customer_ids, terminal_ids)
+    matrix = d.assemble(
+        np.array([t.amount for t in txns]), np.array([t.event_time_us for t in txns]), entity.customer, entity.terminal
+    )
+    artifact = ModelRegistry(settings.model.directory).load(settings.model.name, settings.model.version)
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    (scores,) = session.run(["fraud_probability"], {"features": matrix})
+    return scores.reshape(-1)
+
+
+def test_ten_thousand_events_get_exactly_ten_thousand_matching_decisions(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
+) -> None:
+    txns = _live(10_000)
+    produce_transactions(kafka_topics, txns)
+    worker = start_worker(worker_env(kafka_topics, _feast_env(features)), tmp_path / "worker.log")
+    collector = Collector(kafka_topics, kafka_topics.decisions_topic)
+    try:
+        messages = collector.read_until(lambda m: len(m) >= 10_000, timeout_s=120)
+        time.sleep(1.0)
+        messages = collector.read_until(lambda m: False, timeout_s=1.0)  # anything extra would show up
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+        collector.close()
+
+    decisions = decisions_of(messages)
+    assert len(decisions) == 10_000, f"{len(decisions)} decisions for 10000 events"
+    by_id = {d_.transaction_id: d_ for d_ in decisions}
+    assert set(by_id) == {t.transaction_id for t in txns}
+    assert all(m.key().decode() == dec.transaction_id for m, dec in zip(messages, decisions))
+    assert not [dec for dec in decisions if dec.degraded], "no decision should be degraded with Redis up"
+
+    served = np.array([by_id[t.transaction_id].score for t in txns], dtype=np.float32)
+    offline = _offline_scores(features, txns)
+    np.testing.assert_allclose(served, offline, rtol=0, atol=1e-6)
+    outcomes = collections.Counter(fraud_pb2.Outcome.Name(dec.outcome) for dec in decisions)
+    assert outcomes["APPROVE"] > 0 and outcomes["APPROVE"] < 10_000, outcomes
+    headers = dict(messages[0].headers())
+    assert headers["model-version"].decode() == decisions[0].model_version
+
+
+def test_kill_9_mid_stream_then_restart_loses_no_transaction(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
+) -> None:
+    txns = _live(6_000, seed=2)
+    env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_KAFKA__CONSUME_BATCH="200")
+    collector = Collector(kafka_topics, kafka_topics.decisions_topic)
+    first = start_worker(env, tmp_path / "first.log")
+    produce_transactions(kafka_topics, txns)
+    collector.read_until(lambda m: len(m) >= 1_000, timeout_s=60)
+    first.kill_hard()
+    assert len(decided_ids(collector.messages)) < len(txns), "killed too late to test anything"
+
+    second = start_worker(env, tmp_path / "second.log")
+    try:
+        wanted = {t.transaction_id for t in txns}
+        collector.read_until(lambda m: wanted <= decided_ids(m), timeout_s=120)
+    finally:
+        second.stop()
+        collector.close()
+    missing = wanted - decided_ids(collector.messages)
+    assert not missing, f"{len(missing)} transactions never got a decision"
+
+
+def test_exactly_once_mode_gives_read_committed_readers_one_decision_each(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
+) -> None:
+    txns = _live(4_000, seed=3)
+    env = worker_env(
+        kafka_topics, _feast_env(features),
+        FRAUDSCORE_KAFKA__DELIVERY="exactly-once", FRAUDSCORE_KAFKA__INSTANCE_ID="eos-1",
+        FRAUDSCORE_KAFKA__CONSUME_BATCH="200",
+    )
+    uncommitted = Collector(kafka_topics, kafka_topics.decisions_topic, isolation="read_uncommitted")
+    first = start_worker(env, tmp_path / "first.log")
+    produce_transactions(kafka_topics, txns)
+    uncommitted.read_until(lambda m: len(m) >= 800, timeout_s=60)
+    first.kill_hard()  # mid-transaction: its open transaction must never become visible
+    uncommitted.close()
+
+    second = start_worker(env, tmp_path / "second.log")
+    committed = Collector(kafka_topics, kafka_topics.decisions_topic, isolation="read_committed")
+    try:
+        wanted = {t.transaction_id for t in txns}
+        committed.read_until(lambda m: wanted <= decided_ids(m), timeout_s=120)
+        committed.read_until(lambda m: False, timeout_s=2)  # give duplicates a chance to appear
+    finally:
+        second.stop()
+        committed.close()
+    counts = collections.Counter(m.key().decode() for m in committed.messages)
+    assert set(counts) == wanted
+    duplicated = {k: n for k, n in counts.items() if n > 1}
+    assert not duplicated, f"{len(duplicated)} transactions decided more than once"
+
+
+def test_two_workers_share_six_partitions_and_one_takes_over_when_the_other_dies(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
+) -> None:
+    env = worker_env(kafka_topics, _feast_env(features))
+    a = start_worker(env, tmp_path / "a.log")
+    b = start_worker(env, tmp_path / "b.log")
+    collector = Collector(kafka_topics, kafka_topics.decisions_topic)
+    try:
+        a.wait_for_log("assigned [")
+        b.wait_for_log("assigned [")
+        first = _live(3_000, seed=4)
+        produce_transactions(kafka_topics, first)
+        collector.read_until(lambda m: {t.transaction_id for t in first} <= decided_ids(m), timeout_s=90)
+        assert {t.transaction_id for t in first} <= decided_ids(collector.messages)
+        assert _assigned_partitions(a.log()) and _assigned_partitions(b.log()), "both workers should own partitions"
+
+        b.kill_hard()
+        second = _live(3_000, seed=5)
+        produce_transactions(kafka_topics, second)
+        wanted = {t.transaction_id for t in second}
+        collector.read_until(lambda m: wanted <= decided_ids(m), timeout_s=90)
+        missing = wanted - decided_ids(collector.messages)
+        assert not missing, f"{len(missing)} events not decided after one worker died"
+        assert _assigned_partitions(a.log()) == set(range(6)), "the survivor should own every partition"
+    finally:
+        a.stop()
+        collector.close()
+
+
+def _assigned_partitions(log: str) -> set[int]:
+    """Partitions a worker owns according to its 'assigned [...]' / 'revoked [...]' log lines."""
+    owned: set[int] = set()
+    for line in log.splitlines():
+        for verb in ("assigned", "revoked", "lost partitions"):
+            marker = f"{verb} ["
+            if marker in line:
+                parts = json.loads(line[line.index(marker) + len(marker) - 1 :].split("]")[0] + "]")
+                owned = owned | set(parts) if verb == "assigned" else owned - set(parts)
+    return owned
+
+
+def test_malformed_events_go_to_the_dlq_with_reasons_and_good_ones_are_decided(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
+) -> None:
+    good = _live(20, seed=6)
+    bad = {
+        "garbage": b"\x00\xff\xfe garbage \x01",
+        "wrong-types": json.dumps({"transaction_id": "x1", "customer_id": "one", "terminal_id": 1,
+                                   "amount": 1.0, "event_time_us": 1}).encode(),
+        "missing-id": json.dumps({"customer_id": 1, "terminal_id": 1, "amount": 1.0, "event_time_us": 1}).encode(),
+        "huge": b'{"transaction_id": "' + b"x" * 200_000 + b'"}',
+        "empty": b"",
+    }
+    payloads: list[tuple[str, bytes]] = []
+    for i, txn in enumerate(good):
+        payloads.append((txn.transaction_id, codec.encode_transaction_json(txn)))
+        if i < len(bad):
+            name = list(bad)[i]
+            payloads.append((f"bad-{name}", bad[name]))
+    produce(kafka_topics, payloads)  # no content-type header: the worker sniffs the format
+    worker = start_worker(worker_env(kafka_topics, _feast_env(features)), tmp_path / "worker.log")
+    decisions = Collector(kafka_topics, kafka_topics.decisions_topic)
+    dlq = Collector(kafka_topics, kafka_topics.dlq_topic)
+    try:
+        decisions.read_until(lambda m: len(m) >= len(good), timeout_s=60)
+        dlq.read_until(lambda m: len(m) >= len(bad), timeout_s=30)
+    finally:
+        assert worker.stop() == 0
+        decisions.close(), dlq.close()
+    assert decided_ids(decisions.messages) == {t.transaction_id for t in good}
+    by_key = {m.key().decode(): m for m in dlq.messages}
+    assert set(by_key) == {f"bad-{name}" for name in bad}
+    kinds = {key: dict(m.headers())["dlq-error-kind"].decode() for key, m in by_key.items()}
+    assert kinds == {
+        "bad-garbage": "malformed-protobuf",
+        "bad-wrong-types": "schema",
+        "bad-missing-id": "schema",
+        "bad-huge": "too-large",
+        "bad-empty": "empty",
+    }
+    assert b"customer_id" in dict(by_key["bad-wrong-types"].headers())["dlq-reason"]
+    assert by_key["bad-garbage"].value() == bad["garbage"], "the original bytes are kept"
+    assert dict(by_key["bad-huge"].headers())["dlq-source-topic"].decode() == kafka_topics.transactions_topic
+
+
+def test_redis_outage_degrades_decisions_and_recovery_restores_full_ones(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
+) -> None:
+    """A dedicated redis-server (same features) is stopped and restarted mid-stream."""
+    port = 16391
+    dump_dir = tmp_path / "redis"
+    dump_dir.mkdir()
+    redis_cmd = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(dump_dir),
+                 "--save", "", "--appendonly", "no", "--daemonize", "yes"]
+    subprocess.run(redis_cmd, check=True)
+    outage_settings = features.model_copy(update={"redis": features.redis.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})})
+    _wait_redis(port)
+    _materialize(outage_settings, Path(features.feast.repo_path))
+    client = redis.Redis(port=port)
+
+    env = worker_env(kafka_topics, _feast_env(outage_settings), FRAUDSCORE_REDIS__TIMEOUT_MS="50")
+    worker = start_worker(env, tmp_path / "worker.log")
+    collector = Collector(kafka_topics, kafka_topics.decisions_topic)
+    try:
+        before = _live(200, seed=8)
+        produce_transactions(kafka_topics, before)
+        collector.read_until(lambda m: len(m) >= 200, timeout_s=60)
+        client.shutdown(save=True)  # stopped: connections refused from here on
+        during = _live(200, seed=9)
+        produce_transactions(kafka_topics, during)
+        collector.read_until(lambda m: len(m) >= 400, timeout_s=60)
+        subprocess.run(redis_cmd, check=True)  # back, with the saved features
+        _wait_redis(port)
+        time.sleep(1.0)
+        after = _live(200, seed=10)
+        produce_transactions(kafka_topics, after)
+        collector.read_until(lambda m: len(m) >= 600, timeout_s=60)
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+        collector.close()
+        try:
+            redis.Redis(port=port).shutdown(nosave=True)
+        except redis.exceptions.ConnectionError:
+            pass
+    by_id = {dec.transaction_id: dec for dec in decisions_of(collector.messages)}
+    assert len(by_id) == 600, "every transaction is decided, outage or not"
+    assert not any(by_id[t.transaction_id].degraded for t in before)
+    degraded_during = [by_id[t.transaction_id] for t in during]
+    assert all(dec.degraded for dec in degraded_during)
+    assert {dec.degraded_cause for dec in degraded_during} == {fraud_pb2.FEATURES_UNAVAILABLE}
+    assert not any(by_id[t.transaction_id].degraded for t in after), "full decisions resume after recovery"
+
+
+def _wait_redis(port: int) -> None:
+    for _ in range(50):
+        try:
+            if redis.Redis(port=port).ping():
+                return
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.1)
+    raise AssertionError(f"redis on {port} did not start")

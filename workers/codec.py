@@ -1,0 +1,165 @@
+"""Bytes <-> records. Pure functions: no I/O, so every rejection reason is unit-testable.
+
+Producers publish JSON (``schemas/transaction.schema.json``) or protobuf
+(``fraud.v1.Transaction``). A ``content-type`` header picks the format; without one the
+payload is sniffed (JSON starts with ``{``). Both forms are validated by the same
+msgspec constraints, so a protobuf event cannot slip past a rule the JSON form obeys.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from google.protobuf.message import DecodeError
+
+from workers.proto.fraud.v1 import fraud_pb2
+from workers.records import Decision, DegradedCause, Outcome, Transaction
+
+# Far above any real transaction event (a few hundred bytes); bigger payloads are rejected
+# before parsing so a hostile producer cannot make the worker parse megabytes.
+MAX_EVENT_BYTES = 64 * 1024
+
+JSON_CONTENT_TYPE = "application/json"
+PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
+
+_json_decoder = msgspec.json.Decoder(Transaction)
+_json_encoder = msgspec.json.Encoder()
+
+
+class InvalidEvent(ValueError):
+    """A payload that cannot become a Transaction; ``reason`` goes into the DLQ header."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind  # too-large | empty | malformed-json | malformed-protobuf | schema
+        self.reason = reason
+
+
+def decode_transaction(payload: bytes | None, content_type: str | None = None) -> Transaction:
+    """Parses and validates one event, or raises ``InvalidEvent`` saying why not."""
+    if not payload:
+        raise InvalidEvent("empty", "the message has no value")
+    if len(payload) > MAX_EVENT_BYTES:
+        raise InvalidEvent("too-large", f"{len(payload)} bytes, the limit is {MAX_EVENT_BYTES}")
+    if content_type == PROTOBUF_CONTENT_TYPE or (content_type is None and not _looks_like_json(payload)):
+        return _decode_protobuf(payload)
+    return _decode_json(payload)
+
+
+def _looks_like_json(payload: bytes) -> bool:
+    return payload.lstrip()[:1] == b"{"
+
+
+def _decode_json(payload: bytes) -> Transaction:
+    try:
+        return _json_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent("schema", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent("malformed-json", str(exc)) from None
+
+
+def _decode_protobuf(payload: bytes) -> Transaction:
+    message = fraud_pb2.Transaction()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError as exc:
+        raise InvalidEvent("malformed-protobuf", str(exc) or "not a fraud.v1.Transaction") from None
+    return transaction_from_proto(message)
+
+
+def transaction_from_proto(message: fraud_pb2.Transaction) -> Transaction:
+    """Validates a protobuf Transaction with the JSON form's constraints."""
+    fields = {
+        "transaction_id": message.transaction_id,
+        "customer_id": message.customer_id,
+        "terminal_id": message.terminal_id,
+        "amount": message.amount,
+        "event_time_us": message.event_time_us,
+    }
+    if message.currency:
+        fields["currency"] = message.currency
+    try:
+        return msgspec.convert(fields, Transaction)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent("schema", str(exc)) from None
+
+
+def encode_transaction_json(transaction: Transaction) -> bytes:
+    return _json_encoder.encode(transaction)
+
+
+def encode_transaction_proto(transaction: Transaction) -> bytes:
+    return transaction_to_proto(transaction).SerializeToString()
+
+
+def transaction_to_proto(transaction: Transaction) -> fraud_pb2.Transaction:
+    return fraud_pb2.Transaction(
+        transaction_id=transaction.transaction_id,
+        customer_id=transaction.customer_id,
+        terminal_id=transaction.terminal_id,
+        amount=transaction.amount,
+        event_time_us=transaction.event_time_us,
+        currency=transaction.currency,
+    )
+
+
+class DecisionMessage(msgspec.Struct, omit_defaults=True):
+    """The JSON form of a decision on the ``decisions`` topic: enums by name, for humans."""
+
+    transaction_id: str
+    outcome: str
+    score: float
+    reason_codes: list[str]
+    model_version: str
+    event_time_us: int
+    decided_at_us: int
+    device: str = ""
+    degraded: bool = False
+    degraded_cause: str = ""
+    degraded_detail: str = ""
+
+
+_OUTCOME_NAMES = {o: o.name for o in Outcome}
+_CAUSE_NAMES = {c: ("" if c is DegradedCause.NONE else c.name) for c in DegradedCause}
+
+
+def encode_decision_json(decision: Decision) -> bytes:
+    return _json_encoder.encode(
+        DecisionMessage(
+            transaction_id=decision.transaction_id,
+            outcome=_OUTCOME_NAMES[decision.outcome],
+            score=round(float(decision.score), 6),
+            reason_codes=decision.reason_codes,
+            model_version=decision.model_version,
+            event_time_us=decision.event_time_us,
+            decided_at_us=decision.decided_at_us,
+            device=decision.device,
+            degraded=decision.degraded,
+            degraded_cause=_CAUSE_NAMES[decision.degraded_cause],
+            degraded_detail=decision.degraded_detail,
+        )
+    )
+
+
+def decision_to_proto(decision: Decision) -> fraud_pb2.Decision:
+    return fraud_pb2.Decision(
+        transaction_id=decision.transaction_id,
+        outcome=int(decision.outcome),
+        score=float(decision.score),
+        reason_codes=decision.reason_codes,
+        model_version=decision.model_version,
+        degraded=decision.degraded,
+        degraded_cause=int(decision.degraded_cause),
+        degraded_detail=decision.degraded_detail,
+        event_time_us=decision.event_time_us,
+        decided_at_us=decision.decided_at_us,
+        timing=fraud_pb2.Timing(device=decision.device),
+    )
+
+
+def encode_decision_proto(decision: Decision) -> bytes:
+    return decision_to_proto(decision).SerializeToString()
+
+
+def decode_decision_json(payload: bytes) -> DecisionMessage:
+    return msgspec.json.decode(payload, type=DecisionMessage)

@@ -1,0 +1,316 @@
+"""``fraudscore serve``: the Kafka source and sink around the scoring engine.
+
+consume() a batch -> decode each event (bad ones to the dead-letter topic) -> one engine
+request per partition chunk -> the engine's callback produces the decisions -> the
+broker's acknowledgement marks the offsets done -> done offsets are committed.
+
+Delivery:
+- at-least-once (default): offsets are stored only once every message before them has a
+  decision (or DLQ copy) acknowledged by the broker; librdkafka commits stored offsets in
+  the background. A crash re-reads at most the uncommitted tail: duplicates, never loss.
+- exactly-once: decisions, DLQ copies and the consumed offsets go into one Kafka
+  transaction per ``transaction_commit_interval_ms``; ``read_committed`` readers see each
+  decision once. The interval adds directly to end-to-end latency.
+
+Threads: the main thread consumes, submits and serves delivery reports; the engine's
+threads call ``_on_decided`` (confluent-kafka's Producer is thread-safe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from workers import codec, metrics
+from workers.engine.batcher import Priority
+from workers.kafka.config import consumer_config, producer_config
+from workers.kafka.offsets import Chunk, OffsetTracker
+from workers.records import Decision, Transaction
+from workers.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+_NS_PER_MS = 1_000_000
+# librdkafka's default message.max.bytes is ~1 MB; keep a DLQ copy safely below it.
+_DLQ_MAX_VALUE_BYTES = 900_000
+
+
+class Engine(Protocol):
+    def submit(
+        self,
+        txns: Sequence[Transaction],
+        deadline_ns: int,
+        priority: Priority,
+        on_done: Callable[[list[Decision], Any], None],
+    ) -> bool: ...
+
+
+class KafkaWorker:
+    def __init__(self, kafka: KafkaSettings, engine: Engine, max_chunk_rows: int, budget_ms: float) -> None:
+        self._kafka = kafka
+        self._engine = engine
+        self._max_chunk_rows = max_chunk_rows
+        self._budget_ns = int(budget_ms * _NS_PER_MS)
+        self._exactly_once = kafka.delivery == "exactly-once"
+        self._tracker = OffsetTracker()
+        # Decoded chunks waiting for room in the engine queue: (chunk, txns, received_ns).
+        self._backlog: deque[tuple[Chunk, list[Transaction], int]] = deque()
+        self._paused = False
+        self._stop = threading.Event()
+        self._producer = Producer(producer_config(kafka))
+        self._consumer = Consumer({**consumer_config(kafka), "stats_cb": self._on_stats})
+        self._last_txn_commit = time.monotonic()
+        self.decided = 0  # decisions handed to the producer, for logs and tests
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Asks the loop to drain and exit (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        if self._exactly_once:
+            self._producer.init_transactions(30)
+            self._producer.begin_transaction()
+        self._consumer.subscribe(
+            [self._kafka.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        log.info("consuming %s as group %s (%s)", self._kafka.transactions_topic, self._kafka.group_id,
+                 self._kafka.delivery)
+        try:
+            while not self._stop.is_set():
+                self._step()
+        finally:
+            self._shutdown()
+
+    def _step(self) -> None:
+        self._submit_backlog()
+        messages = self._consumer.consume(self._kafka.consume_batch, self._kafka.consume_timeout_s)
+        if messages:
+            self._handle(messages)
+        self._producer.poll(0)
+        self._commit()
+
+    def _shutdown(self) -> None:
+        """SIGTERM path: finish what was consumed, commit it, leave the group cleanly."""
+        log.info("draining %d in-flight messages", self._tracker.in_flight())
+        self._drain(None, timeout_s=30)
+        if self._exactly_once:
+            self._commit_transaction(force=True, begin_next=False)
+        else:
+            self._commit()
+            self._producer.flush(10)
+        self._consumer.close()
+        log.info("stopped after %d decisions", self.decided)
+
+    # --- consume -> engine ---------------------------------------------------------------
+
+    def _handle(self, messages: list[Message]) -> None:
+        by_partition: dict[int, list[Message]] = {}
+        for message in messages:
+            if message.error() is not None:
+                self._on_consume_error(message.error())
+                continue
+            by_partition.setdefault(message.partition(), []).append(message)
+        for partition_messages in by_partition.values():
+            for start in range(0, len(partition_messages), self._max_chunk_rows):
+                self._handle_chunk(partition_messages[start : start + self._max_chunk_rows])
+
+    def _handle_chunk(self, messages: list[Message]) -> None:
+        first = messages[0]
+        chunk = self._tracker.track(first.topic(), first.partition(), first.offset(), messages[-1].offset())
+        txns: list[Transaction] = []
+        for message in messages:
+            try:
+                txns.append(codec.decode_transaction(message.value(), _content_type(message)))
+            except codec.InvalidEvent as error:
+                self._dead_letter(message, error, chunk)
+        if not txns:
+            return
+        self._backlog.append((chunk, txns, time.monotonic_ns()))
+        self._submit_backlog()
+
+    def _submit_backlog(self) -> None:
+        """Submits held chunks in order; a full engine queue pauses fetching (back-pressure)."""
+        while self._backlog:
+            chunk, txns, received_ns = self._backlog[0]
+            on_done = self._decision_callback(chunk)
+            if not self._engine.submit(txns, received_ns + self._budget_ns, Priority.STREAM, on_done):
+                self._pause()
+                return
+            self._backlog.popleft()
+        self._resume()
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._consumer.pause(self._consumer.assignment())
+            self._paused = True
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._consumer.resume(self._consumer.assignment())
+            self._paused = False
+
+    # --- engine -> decisions topic -------------------------------------------------------
+
+    def _decision_callback(self, chunk: Chunk) -> Callable[[list[Decision], Any], None]:
+        def on_decided(decisions: list[Decision], timing: Any = None) -> None:
+            self._produce_decisions(chunk, decisions)
+
+        return on_decided
+
+    def _produce_decisions(self, chunk: Chunk, decisions: list[Decision]) -> None:
+        encode = codec.encode_decision_proto if self._kafka.decision_format == "protobuf" else codec.encode_decision_json
+        content_type = codec.PROTOBUF_CONTENT_TYPE if self._kafka.decision_format == "protobuf" else codec.JSON_CONTENT_TYPE
+        on_delivery = self._delivery_callback(chunk)
+        started = time.perf_counter()
+        for decision in decisions:
+            headers = [("model-version", decision.model_version), ("content-type", content_type)]
+            self._produce(self._kafka.decisions_topic, decision.transaction_id, encode(decision), headers, on_delivery)
+        metrics.STAGE_PRODUCE.observe(time.perf_counter() - started)
+        self.decided += len(decisions)
+        if self._exactly_once:
+            # Inside a transaction, "done" means "in the transaction": the commit makes it durable.
+            self._tracker.ack(chunk, len(decisions))
+
+    def _produce(self, topic: str, key: str | bytes | None, value: bytes, headers: list, on_delivery) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
+                return
+            except BufferError:
+                # The producer's local queue is full: let it send, then retry. Never drop.
+                self._producer.poll(0.01)
+
+    def _delivery_callback(self, chunk: Chunk) -> Callable[[KafkaError | None, Message], None]:
+        def on_delivery(error: KafkaError | None, message: Message) -> None:
+            if error is not None:
+                # Idempotent producer retries internally; reaching here means it gave up.
+                # Re-send instead of acking, so the offset is never committed past a loss.
+                log.error("delivery to %s failed (%s); re-sending", message.topic(), error)
+                self._produce(message.topic(), message.key(), message.value(), message.headers() or [], on_delivery)
+                return
+            if not self._exactly_once:
+                self._tracker.ack(chunk)
+
+        return on_delivery
+
+    def _dead_letter(self, message: Message, error: codec.InvalidEvent, chunk: Chunk) -> None:
+        value = message.value() or b""
+        headers = [
+            ("dlq-reason", error.reason[:1000]),
+            ("dlq-error-kind", error.kind),
+            ("dlq-source-topic", message.topic()),
+            ("dlq-source-partition", str(message.partition())),
+            ("dlq-source-offset", str(message.offset())),
+        ]
+        if len(value) > _DLQ_MAX_VALUE_BYTES:
+            headers.append(("dlq-truncated-from-bytes", str(len(value))))
+            value = value[:_DLQ_MAX_VALUE_BYTES]
+        metrics.DLQ_MESSAGES.labels(error.kind).inc()
+        log.warning("offset %s/%d/%d to DLQ: %s", message.topic(), message.partition(), message.offset(), error)
+        self._produce(self._kafka.dlq_topic, message.key(), value, headers, self._delivery_callback(chunk))
+        if self._exactly_once:
+            self._tracker.ack(chunk)
+
+    # --- offsets ---------------------------------------------------------------------------
+
+    def _commit(self, force: bool = False) -> None:
+        if self._exactly_once:
+            self._commit_transaction(force)
+            return
+        positions = self._tracker.commit_positions()
+        if positions:
+            self._consumer.store_offsets(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()])
+
+    def _commit_transaction(self, force: bool, begin_next: bool = True) -> None:
+        """Commits decisions and offsets together once per interval (or when forced)."""
+        interval_s = self._kafka.transaction_commit_interval_ms / 1000
+        if not force and time.monotonic() - self._last_txn_commit < interval_s:
+            return
+        # Everything consumed must be in the transaction before its offsets are: hold new
+        # submissions (the main thread is here) until the engine has answered in-flight work.
+        self._drain(None, timeout_s=30)
+        positions = self._tracker.commit_positions()
+        if positions:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+            self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 30)
+        self._producer.commit_transaction(30)
+        if begin_next:
+            self._producer.begin_transaction()
+        self._last_txn_commit = time.monotonic()
+
+    def _drain(self, partitions: set[tuple[str, int]] | None, timeout_s: float) -> bool:
+        """Waits until the given partitions' in-flight messages are done; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        # Held chunks count as in flight: they must reach the engine before we can wait on them.
+        while self._backlog and time.monotonic() < deadline:
+            self._submit_backlog()
+            self._producer.poll(0.005)
+        while self._tracker.in_flight(partitions) > 0:
+            if time.monotonic() > deadline:
+                log.error("gave up draining after %.0fs: %d messages in flight", timeout_s,
+                          self._tracker.in_flight(partitions))
+                return False
+            self._producer.poll(0.005)
+        return True
+
+    # --- rebalances ------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", [p.partition for p in partitions])
+        if self._paused:
+            consumer.pause(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Finishes the revoked partitions' in-flight work and commits it before letting go."""
+        revoked = {(p.topic, p.partition) for p in partitions}
+        log.info("revoked %s; finishing their in-flight work", [p.partition for p in partitions])
+        self._drain(None if self._exactly_once else revoked, timeout_s=20)
+        self._commit(force=True)
+        if not self._exactly_once:
+            try:
+                consumer.commit(asynchronous=False)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError._NO_OFFSET:
+                    log.warning("commit on revoke failed: %s", exc)
+        self._tracker.forget(revoked)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Ownership already gone (session timed out): the new owner re-reads; just forget."""
+        lost = {(p.topic, p.partition) for p in partitions}
+        log.warning("lost partitions %s", [p.partition for p in partitions])
+        self._tracker.forget(lost)
+        self._backlog = deque(item for item in self._backlog if (item[0].topic, item[0].partition) not in lost)
+
+    def _on_consume_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("consumer error: %s", error)
+
+    def _on_stats(self, stats_json: str) -> None:
+        stats = json.loads(stats_json)
+        for partitions in (t["partitions"] for t in stats.get("topics", {}).values()):
+            for partition, p in partitions.items():
+                if partition != "-1" and p.get("consumer_lag", -1) >= 0:
+                    metrics.CONSUMER_LAG.labels(partition).set(p["consumer_lag"])
+
+
+def _content_type(message: Message) -> str | None:
+    headers = message.headers()
+    if not headers:
+        return None
+    for key, value in headers:
+        if key == "content-type" and value:
+            return value.decode("ascii", "replace")
+    return None
