@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from workers.features import definitions as d  # noqa: E402
+from workers.kafka.admin import wait_for_group_assignment  # noqa: E402
 from workers.settings import Settings, load_settings  # noqa: E402
 from workers.simulator import LiveStream, SimulatorConfig  # noqa: E402
 
@@ -105,22 +106,20 @@ def worker_env(settings: Settings, kafka) -> dict[str, str]:
     }
 
 
-def start_worker(env: dict[str, str], profile_to: Path | None = None) -> subprocess.Popen:
+def start_worker(env: dict[str, str], kafka, profile_to: Path | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "workers", "serve"]
     if profile_to is not None:
         # py-spy samples the real worker at 100 Hz; --nonblocking keeps its overhead small.
         command = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "100",
                    "-f", "speedscope", "-o", str(profile_to), "--", *command]
     process = subprocess.Popen(command, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=1).read()
-            return process
-        except OSError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("worker did not start")
+    # Ready means owning partitions, not merely running: model load and group join take a moment.
+    try:
+        wait_for_group_assignment(kafka, timeout_s=90)
+    except TimeoutError:
+        process.kill()
+        raise
+    return process
 
 
 def stop_worker(process: subprocess.Popen) -> None:
@@ -251,7 +250,7 @@ def run_load(settings: Settings, rate: float, seconds: float, total: int | None 
     if preload:
         go.set()
         producer.join()
-    worker = start_worker(worker_env(settings, kafka), profile_to)
+    worker = start_worker(worker_env(settings, kafka), kafka, profile_to)
     reader.start()
     _reset_stage_metrics = scrape_stages()
     go.set()

@@ -84,7 +84,9 @@ class PoolSettings(BaseModel):
 class EngineSettings(BaseModel):
     max_batch_size: int = 1024
     max_queue_delay_ms: float = 2.0
-    queue_capacity_rows: int = 50_000
+    # Small on purpose: for Kafka the topic is the buffer, and every queued row is latency
+    # (8k rows is ~0.25 s at 30k events/s). A full queue pauses fetching.
+    queue_capacity_rows: int = 8_192
     default_budget_ms: float = 10.0
     # In order of preference; the first whose execution provider is present is used, and
     # batches it would not finish before their deadline overflow to the CPU pool.

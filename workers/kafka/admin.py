@@ -62,3 +62,23 @@ def delete_topics(kafka: KafkaSettings, names: list[str], timeout_s: float = 30.
             future.result()
         except KafkaException:
             pass  # already gone: deleting is best-effort clean-up
+
+
+def wait_for_group_assignment(kafka: KafkaSettings, members: int = 1, timeout_s: float = 60.0) -> None:
+    """Blocks until the consumer group is stable with ``members`` members owning partitions."""
+    from confluent_kafka import ConsumerGroupState
+
+    admin = admin_client(kafka)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        (future,) = admin.describe_consumer_groups([kafka.group_id], request_timeout=5).values()
+        try:
+            group = future.result()
+        except KafkaException:
+            group = None
+        if group is not None and group.state == ConsumerGroupState.STABLE:
+            owning = [m for m in group.members if m.assignment and m.assignment.topic_partitions]
+            if len(owning) >= members:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"group {kafka.group_id} has no stable assignment after {timeout_s}s")

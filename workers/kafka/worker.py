@@ -172,9 +172,12 @@ class KafkaWorker:
         content_type = codec.PROTOBUF_CONTENT_TYPE if self._kafka.decision_format == "protobuf" else codec.JSON_CONTENT_TYPE
         on_delivery = self._delivery_callback(chunk)
         started = time.perf_counter()
+        end_to_end = metrics.STAGE_END_TO_END.observe
         for decision in decisions:
             headers = [("model-version", decision.model_version), ("content-type", content_type)]
             self._produce(self._kafka.decisions_topic, decision.transaction_id, encode(decision), headers, on_delivery)
+            # Event time is the producer's clock: skew between hosts shows up here, by design.
+            end_to_end((decision.decided_at_us - decision.event_time_us) / 1e6)
         metrics.STAGE_PRODUCE.observe(time.perf_counter() - started)
         self.decided += len(decisions)
         if self._exactly_once:
