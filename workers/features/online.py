@@ -1,0 +1,225 @@
+"""Online feature readers for the serving engine: entity ids in, float32 blocks out.
+
+Two implementations of one small protocol:
+
+- ``FeastSdkReader``: ``FeatureStore.get_online_features``, the reference behaviour;
+- ``LeanRedisReader``: the same values read in one Redis round trip per batch (a server-side
+  script running the ``HMGET``s, see ``redis_script.py``; a plain pipeline on Redis Cluster),
+  over Feast's own layout (key = ``serialize_entity_key`` + project, field = murmur3 of
+  ``"<view>:<feature>"``, value = serialized ``ValueProto``). Feast's helpers are imported
+  and all keys/fields prepared at construction, so a read is one round trip plus decoding.
+
+Neither applies the feature view TTL: Feast 0.67's online path (``get_online_features`` on
+Redis) does not check it either, and the two readers must agree bit for bit. Values a
+reader cannot find become ``ENTITY_DEFAULT``, with ``found`` False for that entity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from workers.features import definitions as d
+from workers.features import redis_script
+from workers.settings import Settings
+
+
+class FeaturesUnavailable(RuntimeError):
+    """The online store did not answer (connection refused, timeout, ...): fall back."""
+
+
+@dataclass(frozen=True)
+class EntityFeatures:
+    customer: np.ndarray  # (n, len(CUSTOMER_FEATURES)) float32
+    terminal: np.ndarray  # (n, len(TERMINAL_FEATURES)) float32
+    customer_found: np.ndarray  # (n,) bool
+    terminal_found: np.ndarray  # (n,) bool
+
+
+class OnlineReader(Protocol):
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures: ...
+
+
+def _block(values: np.ndarray, present: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat per-field arrays -> (float32 (rows, n_features) block, found per row)."""
+    return values.reshape(-1, n_features), present.reshape(-1, n_features).any(axis=1)
+
+
+def _as_block(values: list, n_rows: int, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major list of floats-or-None -> (float32 block with defaults, found per row)."""
+    missing = np.fromiter((v is None for v in values), dtype=bool, count=len(values)).reshape(n_rows, n_features)
+    block = np.array([d.ENTITY_DEFAULT if v is None else v for v in values], dtype=np.float32).reshape(n_rows, n_features)
+    return block, np.logical_not(missing.all(axis=1))
+
+
+# --- Feast SDK --------------------------------------------------------------------------
+
+
+class FeastSdkReader:
+    def __init__(self, settings: Settings, store=None) -> None:
+        from workers.features.store import feature_store
+
+        self._store = store if store is not None else feature_store(settings, read_timeout_s=settings.redis.timeout_ms / 1000)
+        _disable_redis_retries(self._store)
+        self._refs = [f"{d.CUSTOMER_VIEW}:{f}" for f in d.CUSTOMER_FEATURES] + [
+            f"{d.TERMINAL_VIEW}:{f}" for f in d.TERMINAL_FEATURES
+        ]
+
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures:
+        rows = [
+            {d.CUSTOMER_JOIN_KEY: c, d.TERMINAL_JOIN_KEY: t}
+            for c, t in zip(np.asarray(customer_ids).tolist(), np.asarray(terminal_ids).tolist())
+        ]
+        try:
+            # A fresh list per call: Feast 0.67 appends to requested feature lists in place.
+            columns = self._store.get_online_features(features=list(self._refs), entity_rows=rows).to_dict()
+        except Exception as exc:  # Feast wraps store errors in several types; the engine only needs "no features"
+            if _is_store_failure(exc):
+                raise FeaturesUnavailable(f"online store read failed: {exc!r}") from exc
+            raise
+        n = len(rows)
+        customer, customer_found = _as_block(_row_major(columns, d.CUSTOMER_FEATURES, n), n, len(d.CUSTOMER_FEATURES))
+        terminal, terminal_found = _as_block(_row_major(columns, d.TERMINAL_FEATURES, n), n, len(d.TERMINAL_FEATURES))
+        return EntityFeatures(customer, terminal, customer_found, terminal_found)
+
+
+def _disable_redis_retries(store) -> None:
+    """redis-py 7 retries a failed connection 3 times with backoff (seconds); a serving read
+    has a budget of milliseconds and a fallback, so fail at once. Feast builds its client
+    lazily and offers no setting for this, hence the reach into its online store."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    config = store.config
+    if getattr(config.online_store, "type", None) != "redis":
+        return
+    online_store = store._get_provider().online_store
+    online_store._get_client(config.online_store).set_retry(Retry(NoBackoff(), 0))
+
+
+def _row_major(columns: dict[str, list], names: tuple[str, ...], n: int) -> list:
+    return [columns[name][i] for i in range(n) for name in names]
+
+
+def _is_store_failure(exc: BaseException) -> bool:
+    import redis
+
+    return isinstance(exc, (redis.exceptions.RedisError, ConnectionError, TimeoutError, OSError))
+
+
+# --- lean Redis pipeline -----------------------------------------------------------------
+
+
+class LeanRedisReader:
+    """One ``HMGET`` per unique entity, all in a single pipeline round trip per batch."""
+
+    _KEY_CACHE_LIMIT = 1_000_000
+
+    def __init__(self, settings: Settings, project: str | None = None) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        from feast.infra.online_stores.helpers import _mmh3, _redis_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        from workers.features.store import ENTITY_KEY_SERIALIZATION_VERSION
+
+        self._project = project or settings.feast.project
+        self._redis_key = _redis_key
+        self._entity_key = EntityKey
+        self._value = Value
+        self._redis_errors = (redis.exceptions.RedisError, OSError)
+        timeout_s = settings.redis.timeout_ms / 1000
+        # No retries: the engine has a millisecond budget and a fallback for a failed read.
+        self._client = redis.Redis.from_url(
+            settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        )
+        self._serialization_version = ENTITY_KEY_SERIALIZATION_VERSION
+        self._fields = {
+            d.CUSTOMER_JOIN_KEY: [_mmh3(f"{d.CUSTOMER_VIEW}:{f}") for f in d.CUSTOMER_FEATURES],
+            d.TERMINAL_JOIN_KEY: [_mmh3(f"{d.TERMINAL_VIEW}:{f}") for f in d.TERMINAL_FEATURES],
+        }
+        self._keys: dict[tuple[str, int], bytes] = {}
+        # The hot path: one server-side script per batch (see redis_script.py for why).
+        self._script = self._client.register_script(redis_script.READ_FIXED_WIDTH)
+        self._use_script = True
+        self._response_error = redis.exceptions.ResponseError
+
+    def _key(self, join_key: str, entity_id: int) -> bytes:
+        cached = self._keys.get((join_key, entity_id))
+        if cached is None:
+            if len(self._keys) >= self._KEY_CACHE_LIMIT:
+                self._keys.clear()
+            entity = self._entity_key(join_keys=[join_key], entity_values=[self._value(int64_val=entity_id)])
+            cached = self._redis_key(self._project, entity, entity_key_serialization_version=self._serialization_version)
+            self._keys[(join_key, entity_id)] = cached
+        return cached
+
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures:
+        customers, customer_rows = np.unique(np.asarray(customer_ids, dtype=np.int64), return_inverse=True)
+        terminals, terminal_rows = np.unique(np.asarray(terminal_ids, dtype=np.int64), return_inverse=True)
+        keys = [self._key(d.CUSTOMER_JOIN_KEY, c) for c in customers.tolist()]
+        keys += [self._key(d.TERMINAL_JOIN_KEY, t) for t in terminals.tolist()]
+        values, present = self._fetch(keys, len(customers))
+        n_customer_cells = len(customers) * len(d.CUSTOMER_FEATURES)
+        customer, customer_found = _block(values[:n_customer_cells], present[:n_customer_cells], len(d.CUSTOMER_FEATURES))
+        terminal, terminal_found = _block(values[n_customer_cells:], present[n_customer_cells:], len(d.TERMINAL_FEATURES))
+        return EntityFeatures(
+            customer[customer_rows], terminal[terminal_rows], customer_found[customer_rows], terminal_found[terminal_rows]
+        )
+
+    def _fetch(self, keys: list[bytes], n_customers: int) -> tuple[np.ndarray, np.ndarray]:
+        """Flat (values, present) for every field of every key, in order."""
+        try:
+            if self._use_script:
+                try:
+                    return self._fetch_by_script(keys, n_customers)
+                except self._response_error as exc:
+                    if "CROSSSLOT" not in str(exc) and "scripting" not in str(exc).lower():
+                        raise
+                    # Redis Cluster (keys in several slots) or scripting disabled: pipeline from now on.
+                    self._use_script = False
+            return self._fetch_by_pipeline(keys, n_customers)
+        except self._redis_errors as exc:
+            raise FeaturesUnavailable(f"redis read failed: {exc!r}") from exc
+
+    def _fetch_by_script(self, keys: list[bytes], n_customers: int) -> tuple[np.ndarray, np.ndarray]:
+        customer_fields, terminal_fields = self._fields[d.CUSTOMER_JOIN_KEY], self._fields[d.TERMINAL_JOIN_KEY]
+        calls = redis_script.script_calls(keys, n_customers, customer_fields, terminal_fields)
+        with self._client.pipeline(transaction=False) as pipe:
+            for call_keys, argv in calls:
+                self._script(keys=call_keys, args=argv, client=pipe)
+            replies = pipe.execute()
+        reply = redis_script.merge_replies(replies, calls, n_customers, len(customer_fields), len(terminal_fields))
+        values, present = reply.values, reply.present
+        for position, raw in reply.odd.items():  # rare: a value that is not a Float32
+            value = self._value_of(raw)
+            present[position] = value is not None
+            values[position] = d.ENTITY_DEFAULT if value is None else value
+        values[~present] = d.ENTITY_DEFAULT
+        return values, present
+
+    def _fetch_by_pipeline(self, keys: list[bytes], n_customers: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._client.pipeline(transaction=False) as pipe:
+            for i, key in enumerate(keys):
+                pipe.hmget(key, self._fields[d.CUSTOMER_JOIN_KEY if i < n_customers else d.TERMINAL_JOIN_KEY])  # type: ignore[arg-type]
+            replies = pipe.execute()
+        decoded = [None if v is None else self._value_of(v) for reply in replies for v in reply]
+        present = np.fromiter((v is not None for v in decoded), dtype=bool, count=len(decoded))
+        values = np.array([d.ENTITY_DEFAULT if v is None else v for v in decoded], dtype=np.float32)
+        return values, present
+
+    def _value_of(self, raw: bytes) -> float | None:
+        value = self._value.FromString(raw)
+        kind = value.WhichOneof("val")
+        return None if kind is None else float(getattr(value, kind))
+
+
+def make_reader(settings: Settings) -> OnlineReader:
+    """The reader ``settings.feast.reader`` names."""
+    if settings.feast.reader == "feast":
+        return FeastSdkReader(settings)
+    return LeanRedisReader(settings)
