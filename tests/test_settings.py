@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workers.settings import REPO_ROOT, load_settings
+from workers.settings import REPO_ROOT, KafkaSettings, MetricsSettings, RedisSettings, load_settings
 
 
 def test_env_vars_override_nested_sections(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,11 +45,12 @@ def test_invalid_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
 def test_docker_compose_uses_the_same_addresses_as_the_settings() -> None:
     """The Docker path and the no-Docker path must point the worker at the same places."""
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
-    settings = load_settings()
+    # Compose mirrors the defaults; the section models never read the environment.
+    kafka, redis, metrics = KafkaSettings(), RedisSettings(), MetricsSettings()
     services = compose["services"]
-    kafka_port = settings.kafka.bootstrap_servers.rsplit(":", 1)[1]
-    redis_port = settings.redis.url.rsplit(":", 1)[1].split("/")[0]
+    kafka_port = kafka.bootstrap_servers.rsplit(":", 1)[1]
+    redis_port = redis.url.rsplit(":", 1)[1].split("/")[0]
     kafka_env = services["kafka"]["environment"]
     assert f"PLAINTEXT://127.0.0.1:{kafka_port}" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
     assert redis_port in " ".join(services["redis"]["command"])
-    assert str(settings.metrics.port) in (REPO_ROOT / "deploy" / "prometheus.yml").read_text()
+    assert str(metrics.port) in (REPO_ROOT / "deploy" / "prometheus.yml").read_text()
