@@ -74,19 +74,10 @@ def materialize(settings: Settings) -> None:
     store.materialize(feature_store, settings)
 
 
-def fresh_topics(settings: Settings, partitions: int = 6):
-    from workers.kafka.admin import default_topics, ensure_topics
+def fresh_topics(settings: Settings):
+    from workers.kafka.admin import default_topics, ensure_topics, isolated
 
-    suffix = uuid.uuid4().hex[:8]
-    kafka = settings.kafka.model_copy(
-        update={
-            "transactions_topic": f"bench-tx-{suffix}",
-            "decisions_topic": f"bench-dec-{suffix}",
-            "dlq_topic": f"bench-dlq-{suffix}",
-            "group_id": f"bench-{suffix}",
-            "transactions_partitions": partitions,
-        }
-    )
+    kafka = isolated(settings.kafka, f"bench-{uuid.uuid4().hex[:8]}")
     ensure_topics(kafka, default_topics(kafka))
     return kafka
 

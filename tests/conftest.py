@@ -61,17 +61,10 @@ def redis_url(local_stack: Settings) -> str:
 @pytest.fixture
 def kafka_topics(local_stack: Settings, request: pytest.FixtureRequest) -> Iterator[KafkaSettings]:
     """Kafka settings whose topics and group are unique to this test, created empty."""
-    from workers.kafka.admin import default_topics, delete_topics, ensure_topics
+    from workers.kafka.admin import default_topics, delete_topics, ensure_topics, isolated
 
     suffix = f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
-    kafka = local_stack.kafka.model_copy(
-        update={
-            "transactions_topic": f"transactions-{suffix}",
-            "decisions_topic": f"decisions-{suffix}",
-            "dlq_topic": f"transactions.dlq-{suffix}",
-            "group_id": f"fraudscore-{suffix}",
-        }
-    )
+    kafka = isolated(local_stack.kafka, suffix)
     topics = default_topics(kafka)
     ensure_topics(kafka, topics)
     yield kafka

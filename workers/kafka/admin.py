@@ -46,6 +46,18 @@ def ensure_topics(kafka: KafkaSettings, topics: dict[str, int], timeout_s: float
     return [t.topic for t in missing]
 
 
+def isolated(kafka: KafkaSettings, suffix: str) -> KafkaSettings:
+    """The same settings with topics and consumer group of their own (tests, benchmarks)."""
+    return kafka.model_copy(
+        update={
+            "transactions_topic": f"{kafka.transactions_topic}-{suffix}",
+            "decisions_topic": f"{kafka.decisions_topic}-{suffix}",
+            "dlq_topic": f"{kafka.dlq_topic}-{suffix}",
+            "group_id": f"{kafka.group_id}-{suffix}",
+        }
+    )
+
+
 def default_topics(kafka: KafkaSettings) -> dict[str, int]:
     return {
         kafka.transactions_topic: kafka.transactions_partitions,
