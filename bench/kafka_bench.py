@@ -26,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -103,7 +104,8 @@ def start_worker(env: dict[str, str], kafka, profile_to: Path | None = None) -> 
         # py-spy samples the real worker at 100 Hz; --nonblocking keeps its overhead small.
         command = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "100",
                    "-f", "speedscope", "-o", str(profile_to), "--", *command]
-    process = subprocess.Popen(command, env=env, cwd=ROOT)
+    # Own process group: stopping it must reach the worker too when py-spy is its parent.
+    process = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True)
     # Ready means owning partitions, not merely running: model load and group join take a moment.
     try:
         wait_for_group_assignment(kafka, timeout_s=90)
@@ -114,11 +116,19 @@ def start_worker(env: dict[str, str], kafka, profile_to: Path | None = None) -> 
 
 
 def stop_worker(process: subprocess.Popen) -> None:
-    process.terminate()
+    # SIGINT: the worker drains as on SIGTERM, and py-spy (when profiling) writes its profile.
+    os.killpg(process.pid, signal.SIGINT)
     try:
         process.wait(60)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
+    # py-spy exits when its child does; wait for the group to be gone so the metrics port is free.
+    for _ in range(100):
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 # --- floors ---------------------------------------------------------------------------------
@@ -245,6 +255,9 @@ def run_load(settings: Settings, rate: float, seconds: float, total: int | None 
     reader.start()
     _reset_stage_metrics = scrape_stages()
     go.set()
+    if not receive.poll(seconds * 4 + 180):  # the reader died or hung: fail, do not wait forever
+        stop_worker(worker)
+        raise RuntimeError("decision reader sent no results")
     sent_us, seen_us, produced_ms, degraded = receive.recv()
     reader.join()
     producer.join()

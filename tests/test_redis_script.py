@@ -60,3 +60,13 @@ def test_script_and_pipeline_agree_on_every_kind_of_stored_value(reader: LeanRed
     assert features.customer_found.tolist() == [False, True, True]
     assert features.terminal_found.tolist() == [True, True, False]
     assert (features.customer[0] == d.ENTITY_DEFAULT).all()
+
+
+def test_a_flushed_script_cache_is_reloaded_transparently(reader: LeanRedisReader) -> None:
+    """After a Redis restart (or SCRIPT FLUSH) the first read loads the script again."""
+    field = reader._fields[d.CUSTOMER_JOIN_KEY][0]
+    reader._client.hset(reader._key(d.CUSTOMER_JOIN_KEY, 5), mapping={field: _value(float_val=7.0)})
+    reader._client.script_flush()
+    features = reader.read(np.array([5]), np.array([1]))
+    assert features.customer[0, 0] == 7.0 and features.customer_found.tolist() == [True]
+    assert reader._client.script_exists(reader._script_sha) == [True]

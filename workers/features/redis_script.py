@@ -57,6 +57,13 @@ end
 return {table.concat(parts), odd}
 """
 
+def script_sha() -> str:
+    """The SHA1 Redis knows the script by (EVALSHA), computed locally: no round trip."""
+    import hashlib
+
+    return hashlib.sha1(READ_FIXED_WIDTH.encode()).hexdigest()
+
+
 _VALUE_DTYPE = np.dtype([("tag", "u1"), ("value", "<f4")])
 
 

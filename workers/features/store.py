@@ -16,11 +16,25 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from feast import Entity, FeatureStore, FeatureView, Field, FileSource, PushSource, RepoConfig, ValueType
-from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
-from feast.infra.online_stores.redis import RedisOnlineStoreConfig
-from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
-from feast.types import Float32, Int64
+import os
+
+# feast 0.67 (feast/metrics.py) sets PROMETHEUS_MULTIPROC_DIR at import, for its gunicorn
+# feature server. In this worker that made every metric update an mmap write plus a pid check
+# (the top frame of the executor profile), warned on label removal, and would leak into child
+# processes. This process serves its own /metrics, so undo it right after the import; a value
+# the operator set on purpose is kept. All Feast imports in the package go through here.
+_PROMETHEUS_ENV = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
+_prometheus_env_before = {name: os.environ.get(name) for name in _PROMETHEUS_ENV}
+
+from feast import Entity, FeatureStore, FeatureView, Field, FileSource, PushSource, RepoConfig, ValueType  # noqa: E402
+from feast.infra.offline_stores.dask import DaskOfflineStoreConfig  # noqa: E402
+from feast.infra.online_stores.redis import RedisOnlineStoreConfig  # noqa: E402
+from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig  # noqa: E402
+from feast.types import Float32, Int64  # noqa: E402
+
+for _name, _value in _prometheus_env_before.items():
+    if _value is None:
+        os.environ.pop(_name, None)
 
 from workers.features import definitions as d
 from workers.settings import Settings

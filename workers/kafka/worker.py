@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 _NS_PER_MS = 1_000_000
 # librdkafka's default message.max.bytes is ~1 MB; keep a DLQ copy safely below it.
 _DLQ_MAX_VALUE_BYTES = 900_000
+# Back-pressure: how often a held chunk is offered to a full engine again, and how long the
+# engine may stay full before the partitions are paused (so rebalances are still served).
+_BACKLOG_RETRY_S = 0.0005
+_PAUSE_AFTER_S = 1.0
 
 
 class Engine(Protocol):
@@ -63,6 +67,7 @@ class KafkaWorker:
         # Decoded chunks waiting for room in the engine queue: (chunk, txns, received_ns).
         self._backlog: deque[tuple[Chunk, list[Transaction], int]] = deque()
         self._paused = False
+        self._blocked_since = 0.0  # when the engine queue started refusing the backlog head
         self._stop = threading.Event()
         self._producer = Producer(producer_config(kafka))
         self._consumer = Consumer({**consumer_config(kafka), "stats_cb": self._on_stats})
@@ -93,6 +98,10 @@ class KafkaWorker:
 
     def _step(self) -> None:
         self._submit_backlog()
+        if self._backlog and not self._paused:
+            # Engine full: hold off fetching for a moment rather than pausing partitions.
+            self._producer.poll(_BACKLOG_RETRY_S)
+            return
         messages = self._consumer.consume(self._kafka.consume_batch, self._kafka.consume_timeout_s)
         if messages:
             self._handle(messages)
@@ -139,14 +148,20 @@ class KafkaWorker:
         self._submit_backlog()
 
     def _submit_backlog(self) -> None:
-        """Submits held chunks in order; a full engine queue pauses fetching (back-pressure)."""
+        """Submits held chunks in order. While the engine queue is full the loop stops fetching
+        (back-pressure); only a stall longer than ``_PAUSE_AFTER_S`` pauses the partitions,
+        because librdkafka drops and re-fetches the prefetched messages on every resume
+        (measured: pausing at each full queue cut a drain from ~67k to ~12k events/s)."""
         while self._backlog:
             chunk, txns, received_ns = self._backlog[0]
             on_done = self._decision_callback(chunk)
             if not self._engine.submit(txns, received_ns + self._budget_ns, Priority.STREAM, on_done):
-                self._pause()
+                self._blocked_since = self._blocked_since or time.monotonic()
+                if time.monotonic() - self._blocked_since > _PAUSE_AFTER_S:
+                    self._pause()  # a long stall: keep serving rebalances via consume()
                 return
             self._backlog.popleft()
+        self._blocked_since = 0.0
         self._resume()
 
     def _pause(self) -> None:

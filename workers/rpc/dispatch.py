@@ -8,6 +8,12 @@ Each request also arms a loop timer at its deadline. Whichever fires first, the 
 answer or the timer, settles the request; the other is dropped. So a caller is answered at
 the deadline with the rules fallback (degraded BUDGET_EXCEEDED), never later and never with
 an error, however slow enrichment or inference are.
+
+A timer only helps while the loop is on time. Past capacity the engine's backlog and its
+GIL use starve the loop, and timers fired 50+ ms late (5k req/s, 10 ms budgets). So
+``Admission`` sheds at arrival: a request the engine cannot answer within its budget gets
+the rules fallback (degraded OVERLOADED) at once, which keeps the backlog, and the loop
+lag, below the budgets.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import collections
 import threading
 import time
 from collections.abc import Callable
+
+from prometheus_client import Counter
 
 from workers import metrics
 from workers.engine.batcher import Priority
@@ -30,34 +38,99 @@ MIN_USEFUL_BUDGET_NS = 100_000
 
 Sink = Callable[[Decision, BatchTiming], None]
 
+# Here rather than in workers/metrics.py only because this change owns workers/rpc/.
+GRPC_SHED = Counter(
+    "fraudscore_grpc_shed_total",
+    "Requests answered at arrival with the rules fallback (OVERLOADED): no time to score them.",
+    ["method"],
+)
+
+# Hard bound on engine requests in flight per process, whatever the estimate says.
+MAX_IN_FLIGHT = 512
+# Admit only when the expected wait fits this share of the budget: the rest is left for
+# the answer's trip back through the loop and for estimation error.
+ADMIT_BUDGET_SHARE = 0.5
+# Loop lag this far into the budget means the process is out of CPU: every admitted request
+# adds engine work that competes with reading and answering, so shed until the loop catches up.
+LAG_BUDGET_SHARE = 0.2
+SPEED_EWMA_ALPHA = 0.1
+LAG_PROBE_INTERVAL_S = 0.005
+
+
+class Admission:
+    """At arrival: can the engine answer this request within its budget?
+
+    Expected wait = loop lag + requests in flight / engine speed, where the speed is rows
+    per busy second of recent model batches (stage times are wall clock, so GIL waits count).
+    That is Little's law with the service rate measured, not configured: it follows batch
+    sizes, the box's load and Redis latency. Nothing in flight means no queue: always admit,
+    so a stale (slow) speed estimate cannot lock the service into shedding.
+    """
+
+    def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # submitted to the engine, its answer not yet back on the loop
+        self.rows_per_s = 0.0  # 0: not measured yet
+        self.loop_lag_ns = 0
+
+    def refusal(self, budget_ns: int) -> str | None:
+        """Why this request must be shed now, or None to admit it."""
+        if self.in_flight >= self.max_in_flight:
+            return f"{self.in_flight} requests in flight (limit {self.max_in_flight})"
+        if self.loop_lag_ns > budget_ns * LAG_BUDGET_SHARE:
+            return f"event loop {self.loop_lag_ns // 1000} us behind"
+        wait_ns = self.expected_wait_ns()
+        if wait_ns > budget_ns * ADMIT_BUDGET_SHARE:
+            return f"expected wait {wait_ns // 1000} us does not fit the {budget_ns // 1000} us budget"
+        return None
+
+    def expected_wait_ns(self) -> int:
+        if not self.in_flight or not self.rows_per_s:
+            return self.loop_lag_ns
+        return self.loop_lag_ns + int(self.in_flight / self.rows_per_s * 1e9)
+
+    def answered(self, timing: BatchTiming) -> None:
+        """An engine answer reached the loop (on time or not)."""
+        self.in_flight -= 1
+        busy_us = timing.enrich_us + timing.inference_us + timing.decide_us
+        if not timing.device or busy_us <= 0:  # a fallback batch says nothing about model speed
+            return
+        speed = timing.batch_rows * 1e6 / busy_us
+        self.rows_per_s = speed if not self.rows_per_s else self.rows_per_s + SPEED_EWMA_ALPHA * (speed - self.rows_per_s)
+
 
 class MethodMetrics:
     """Label children bound once per method: ``labels()`` per request costs a dict lookup + lock."""
 
-    __slots__ = ("latency", "in_flight", "deadline_fallbacks")
+    __slots__ = ("latency", "in_flight", "deadline_fallbacks", "shed")
 
     def __init__(self, method: str) -> None:
         self.latency = metrics.GRPC_LATENCY.labels(method)
         self.in_flight = metrics.GRPC_IN_FLIGHT.labels(method)
         self.deadline_fallbacks = metrics.GRPC_DEADLINE_FALLBACKS.labels(method)
+        self.shed = GRPC_SHED.labels(method)
 
 
 class Pending:
     """One request between submission and its single answer."""
 
-    __slots__ = ("txn", "arrival_ns", "budget_ns", "sink", "method", "timer", "done")
+    __slots__ = ("txn", "arrival_ns", "budget_ns", "sink", "method", "admission", "timer", "done")
 
-    def __init__(self, txn: Transaction, arrival_ns: int, budget_ns: int, sink: Sink, method: MethodMetrics) -> None:
+    def __init__(
+        self, txn: Transaction, arrival_ns: int, budget_ns: int, sink: Sink, method: MethodMetrics, admission: Admission
+    ) -> None:
         self.txn = txn
         self.arrival_ns = arrival_ns
         self.budget_ns = budget_ns
         self.sink = sink
         self.method = method
+        self.admission = admission
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
 
     def engine_answered(self, decisions: list[Decision], timing: BatchTiming) -> None:
         """On the loop. A late answer (the deadline fallback went out already) is dropped."""
+        self.admission.answered(timing)
         if self.done:
             return
         if self.timer is not None:
@@ -124,6 +197,16 @@ class Dispatcher:
         self.default_budget_ns = int(default_budget_ms * 1e6)
         self._loop = loop
         self._completions = Completions(loop)
+        self.admission = Admission()
+        self._probe_due = loop.time()
+        loop.call_soon(self._probe_lag)
+
+    def _probe_lag(self) -> None:
+        """How late the loop runs a callback: what every answer waits for on top of the engine."""
+        now = self._loop.time()
+        self.admission.loop_lag_ns = max(0, int((now - self._probe_due) * 1e9))
+        self._probe_due = now + LAG_PROBE_INTERVAL_S
+        self._loop.call_at(self._probe_due, self._probe_lag)
 
     def submit(self, txn: Transaction, budget_us: int, method: MethodMetrics, sink: Sink) -> None:
         """Calls ``sink(decision, timing)`` exactly once, on the loop, by the deadline at the latest.
@@ -132,19 +215,27 @@ class Dispatcher:
         """
         arrival_ns = time.monotonic_ns()
         budget_ns = budget_us * 1000 if budget_us else self.default_budget_ns
-        pending = Pending(txn, arrival_ns, budget_ns, sink, method)
+        admission = self.admission
+        pending = Pending(txn, arrival_ns, budget_ns, sink, method, admission)
         method.in_flight.inc()
         if budget_ns < MIN_USEFUL_BUDGET_NS:
             method.deadline_fallbacks.inc()
             pending.degrade(DegradedCause.BUDGET_EXCEEDED, f"budget of {budget_ns // 1000} us is too small to score")
+            return
+        refusal = admission.refusal(budget_ns)
+        if refusal is not None:
+            method.shed.inc()
+            pending.degrade(DegradedCause.OVERLOADED, refusal)
             return
         push = self._completions.push
         accepted = self.engine.submit(
             (txn,), arrival_ns + budget_ns, Priority.SYNC, lambda decisions, timing: push(pending, decisions, timing)
         )
         if not accepted:
+            method.shed.inc()
             pending.degrade(DegradedCause.OVERLOADED, "engine queue full")
             return
+        admission.in_flight += 1
         # Armed after submit: an answer can only arrive through the loop, so never before this.
         remaining_s = (arrival_ns + budget_ns - time.monotonic_ns()) / 1e9
         pending.timer = self._loop.call_later(remaining_s, pending.deadline_reached)
