@@ -206,7 +206,7 @@ def _produce_process(kafka_json: str, rate: float, seconds: float, total: int, r
     producer.flush(60)
 
 
-def _read_process(kafka_json: str, expected: int, timeout_s: float, out) -> None:
+def _read_process(kafka_json: str, expected: int, timeout_s: float, out, ready=None) -> None:
     """Records (event sent, decision readable) for every decision; sends arrays back."""
     from confluent_kafka import Consumer
 
@@ -217,11 +217,15 @@ def _read_process(kafka_json: str, expected: int, timeout_s: float, out) -> None
     consumer = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": f"reader-{uuid.uuid4().hex}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          "fetch.wait.max.ms": 5})
-    consumer.subscribe([kafka.decisions_topic])
+    # Signal only once partitions are ours: a reader still joining its group would add its
+    # start-up to the first decisions' latency.
+    consumer.subscribe([kafka.decisions_topic], on_assign=lambda c, parts: ready and ready.set())
     sent_us, seen_us, produced_ms, degraded = [], [], [], 0
     deadline = time.monotonic() + timeout_s
     while len(seen_us) < expected and time.monotonic() < deadline:
-        for message in consumer.consume(num_messages=5000, timeout=0.05):
+        # consume() waits for num_messages *or* the timeout: keep the timeout short so the
+        # measuring reader adds at most ~2 ms to what it measures.
+        for message in consumer.consume(num_messages=5000, timeout=0.002):
             if message.error() is not None:
                 continue
             now_us = time.time_ns() // 1000
@@ -245,7 +249,9 @@ def run_load(settings: Settings, rate: float, seconds: float, total: int | None 
     producer = ctx.Process(target=_produce_process, args=(kafka.model_dump_json(), 0 if preload else rate,
                                                           seconds, total, ready, go))
     receive, send = ctx.Pipe(duplex=False)
-    reader = ctx.Process(target=_read_process, args=(kafka.model_dump_json(), total, seconds * 4 + 120, send))
+    reader_ready = ctx.Event()
+    reader = ctx.Process(target=_read_process,
+                         args=(kafka.model_dump_json(), total, seconds * 4 + 120, send, reader_ready))
     producer.start()
     ready.wait(120)
     if preload:
@@ -253,6 +259,9 @@ def run_load(settings: Settings, rate: float, seconds: float, total: int | None 
         producer.join()
     worker = start_worker(worker_env(settings, kafka), kafka, profile_to)
     reader.start()
+    if not reader_ready.wait(60):
+        stop_worker(worker)
+        raise RuntimeError("decision reader never got its partitions")
     _reset_stage_metrics = scrape_stages()
     go.set()
     if not receive.poll(seconds * 4 + 180):  # the reader died or hung: fail, do not wait forever

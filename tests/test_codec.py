@@ -76,3 +76,10 @@ def test_decision_protobuf_round_trips() -> None:
     assert parsed.outcome == fraud_pb2.DECLINE
     assert parsed.transaction_id == "t-2" and list(parsed.reason_codes) == ["LARGE_AMOUNT"]
     assert not parsed.degraded
+
+
+def test_decision_proto_round_trip_is_lossless_for_the_client() -> None:
+    decision = Decision("t-3", Outcome.REVIEW, 0.5, ["RISKY_TERMINAL"], "mlp-v1", degraded=True,
+                        degraded_cause=DegradedCause.BUDGET_EXCEEDED, degraded_detail="late",
+                        event_time_us=1, decided_at_us=2, device="cpu")
+    assert codec.decision_from_proto(codec.decision_to_proto(decision)) == decision

@@ -11,9 +11,13 @@ from workers.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def build_engine(settings: Settings) -> ScoringEngine:
-    """Loads the model and the online-store reader, starts the executors and warms them up."""
-    engine = ScoringEngine.from_settings(settings, make_reader(settings))
+def build_engine(settings: Settings, executors: int | None = None) -> ScoringEngine:
+    """Loads the model and the online-store reader, starts the executors and warms them up.
+
+    Call from the main thread (it installs the SIGHUP reload handler). ``executors``: engine
+    threads; None sizes them to the session pools (the gRPC server uses 1, see rpc/server.py).
+    """
+    engine = ScoringEngine.from_settings(settings, make_reader(settings), executors=executors)
     engine.start()
     # `kill -HUP <pid>` reloads the model (signal handlers can only be set from the main thread).
     engine.models.install_sighup_handler()

@@ -157,6 +157,22 @@ def decision_to_proto(decision: Decision) -> fraud_pb2.Decision:
     )
 
 
+def decision_from_proto(message: fraud_pb2.Decision) -> Decision:
+    return Decision(
+        transaction_id=message.transaction_id,
+        outcome=Outcome(message.outcome),
+        score=message.score,
+        reason_codes=list(message.reason_codes),
+        model_version=message.model_version,
+        degraded=message.degraded,
+        degraded_cause=DegradedCause(message.degraded_cause),
+        degraded_detail=message.degraded_detail,
+        event_time_us=message.event_time_us,
+        decided_at_us=message.decided_at_us,
+        device=message.timing.device,
+    )
+
+
 def encode_decision_proto(decision: Decision) -> bytes:
     return decision_to_proto(decision).SerializeToString()
 

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import grpc
 
-from workers.codec import transaction_to_proto
+from workers.codec import decision_from_proto, transaction_to_proto
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
-from workers.records import Decision, DegradedCause, Outcome, Transaction
+from workers.records import Decision, Transaction
 
 
 class ScoreRejected(Exception):
@@ -34,20 +34,6 @@ class StreamBroken(ConnectionError):
     """The stream ended or failed while this request waited; it may or may not have been scored."""
 
 
-def decision_from_proto(message: fraud_pb2.Decision) -> Decision:
-    return Decision(
-        transaction_id=message.transaction_id,
-        outcome=Outcome(message.outcome),
-        score=message.score,
-        reason_codes=list(message.reason_codes),
-        model_version=message.model_version,
-        degraded=message.degraded,
-        degraded_cause=DegradedCause(message.degraded_cause),
-        degraded_detail=message.degraded_detail,
-        event_time_us=message.event_time_us,
-        decided_at_us=message.decided_at_us,
-        device=message.timing.device,
-    )
 
 
 class _Stream:

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from workers.app import build_engine
 from workers.engine.engine import ScoringEngine
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.rpc.auth import BearerTokenInterceptor
@@ -133,18 +134,6 @@ async def serve_until_signalled(settings: Settings, engine: ScoringEngine) -> No
 GRPC_EXECUTORS = 1
 
 
-def build_grpc_engine(settings: Settings) -> ScoringEngine:
-    """``workers.app.build_engine`` with ``GRPC_EXECUTORS`` executor threads."""
-    from workers.features.online import make_reader
-
-    engine = ScoringEngine.from_settings(settings, make_reader(settings), executors=GRPC_EXECUTORS)
-    engine.start()
-    engine.models.install_sighup_handler()
-    engine.warm_up()
-    engine.freeze_gc()
-    return engine
-
-
 def _child_main(settings_json: str, index: int) -> None:
     from workers.metrics import start_metrics_server
 
@@ -155,7 +144,7 @@ def _child_main(settings_json: str, index: int) -> None:
     settings.metrics.port += index
     start_metrics_server(settings)
     # Built on the main thread: the model holder installs its SIGHUP (reload) handler there.
-    engine = build_grpc_engine(settings)
+    engine = build_engine(settings, executors=GRPC_EXECUTORS)
     asyncio.run(serve_until_signalled(settings, engine))
 
 
