@@ -177,5 +177,16 @@ def encode_decision_proto(decision: Decision) -> bytes:
     return decision_to_proto(decision).SerializeToString()
 
 
+# Wire format name (settings / CLI) -> (encoder, content-type header value).
+TRANSACTION_ENCODERS = {
+    "json": (encode_transaction_json, JSON_CONTENT_TYPE),
+    "protobuf": (encode_transaction_proto, PROTOBUF_CONTENT_TYPE),
+}
+DECISION_ENCODERS = {
+    "json": (encode_decision_json, JSON_CONTENT_TYPE),
+    "protobuf": (encode_decision_proto, PROTOBUF_CONTENT_TYPE),
+}
+
+
 def decode_decision_json(payload: bytes) -> DecisionMessage:
     return msgspec.json.decode(payload, type=DecisionMessage)

@@ -113,6 +113,11 @@ GRPC_DEADLINE_FALLBACKS = Counter(
     ["method"],
 )
 GRPC_ACTIVE_STREAMS = Gauge("fraudscore_grpc_active_streams", "Open ScoreStream calls.")
+GRPC_SHED = Counter(
+    "fraudscore_grpc_shed_total",
+    "Requests answered at arrival with the rules fallback (OVERLOADED): no time to score them.",
+    ["method"],
+)
 
 
 def start_metrics_server(settings: Settings) -> tuple[object, object]:

@@ -20,8 +20,7 @@ class DemoProducer:
     def __init__(self, kafka: KafkaSettings, seed: int = 0, fmt: str = "json", bad_every: int = 0) -> None:
         self._kafka = kafka
         self._stream = LiveStream.create(seed=seed)
-        self._encode = codec.encode_transaction_proto if fmt == "protobuf" else codec.encode_transaction_json
-        self._content_type = codec.PROTOBUF_CONTENT_TYPE if fmt == "protobuf" else codec.JSON_CONTENT_TYPE
+        self._encode, self._content_type = codec.TRANSACTION_ENCODERS[fmt]
         self._bad_every = bad_every
         self._run_id = uuid.uuid4().hex[:8]  # transaction ids unique across producer runs
         self._producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 2, "acks": "all"})

@@ -263,10 +263,9 @@ class ScoringEngine:
     def _answer_late(self, late: list[Request], dequeued_ns: int) -> None:
         txns = [t for r in late for t in r.txns]
         stages = _Stages()
-        started = time.perf_counter()
         waited_ms = (dequeued_ns - min(r.enqueued_ns for r in late)) / 1e6
-        decided = fallback(txns, DegradedCause.BUDGET_EXCEEDED, f"deadline passed after {waited_ms:.1f} ms in queue")
-        stages.decide_s = time.perf_counter() - started
+        detail = f"deadline passed after {waited_ms:.1f} ms in queue"
+        decided = self._timed_fallback(txns, DegradedCause.BUDGET_EXCEEDED, detail, None, stages)
         self._record(decided, stages, len(txns))
         self._respond(late, decided.decisions, stages, dequeued_ns)
 

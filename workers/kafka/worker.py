@@ -63,6 +63,7 @@ class KafkaWorker:
         self._max_chunk_rows = max_chunk_rows
         self._budget_ns = int(budget_ms * _NS_PER_MS)
         self._exactly_once = kafka.delivery == "exactly-once"
+        self._encode_decision, self._decision_content_type = codec.DECISION_ENCODERS[kafka.decision_format]
         self._tracker = OffsetTracker()
         # Decoded chunks waiting for room in the engine queue: (chunk, txns, received_ns).
         self._backlog: deque[tuple[Chunk, list[Transaction], int]] = deque()
@@ -183,8 +184,7 @@ class KafkaWorker:
         return on_decided
 
     def _produce_decisions(self, chunk: Chunk, decisions: list[Decision]) -> None:
-        encode = codec.encode_decision_proto if self._kafka.decision_format == "protobuf" else codec.encode_decision_json
-        content_type = codec.PROTOBUF_CONTENT_TYPE if self._kafka.decision_format == "protobuf" else codec.JSON_CONTENT_TYPE
+        encode, content_type = self._encode_decision, self._decision_content_type
         on_delivery = self._delivery_callback(chunk)
         started = time.perf_counter()
         end_to_end = metrics.STAGE_END_TO_END.observe

@@ -24,8 +24,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from prometheus_client import Counter
-
 from workers import metrics
 from workers.engine.batcher import Priority
 from workers.engine.decide import fallback
@@ -37,13 +35,6 @@ from workers.records import Decision, DegradedCause, Transaction
 MIN_USEFUL_BUDGET_NS = 100_000
 
 Sink = Callable[[Decision, BatchTiming], None]
-
-# Here rather than in workers/metrics.py only because this change owns workers/rpc/.
-GRPC_SHED = Counter(
-    "fraudscore_grpc_shed_total",
-    "Requests answered at arrival with the rules fallback (OVERLOADED): no time to score them.",
-    ["method"],
-)
 
 # Hard bound on engine requests in flight per process, whatever the estimate says.
 MAX_IN_FLIGHT = 512
@@ -108,7 +99,7 @@ class MethodMetrics:
         self.latency = metrics.GRPC_LATENCY.labels(method)
         self.in_flight = metrics.GRPC_IN_FLIGHT.labels(method)
         self.deadline_fallbacks = metrics.GRPC_DEADLINE_FALLBACKS.labels(method)
-        self.shed = GRPC_SHED.labels(method)
+        self.shed = metrics.GRPC_SHED.labels(method)
 
 
 class Pending:
