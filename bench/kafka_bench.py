@@ -65,14 +65,11 @@ def bench_settings(repo: Path) -> Settings:
 def materialize(settings: Settings) -> None:
     import redis
 
-    from workers.features import offline, store
+    from workers.features.store import load_online
     from workers.simulator import simulate_transactions
 
     redis.Redis.from_url(settings.redis.url).flushdb()
-    offline.write_snapshots(simulate_transactions(SIM), Path(settings.feast.repo_path) / "data")
-    feature_store = store.feature_store(settings)
-    store.apply(feature_store, settings)
-    store.materialize(feature_store, settings)
+    load_online(settings, simulate_transactions(SIM))
 
 
 def fresh_topics(settings: Settings):

@@ -34,11 +34,7 @@ def _settings(repo: Path, redis_url: str) -> Settings:
 def _applied_store(transactions: pd.DataFrame, settings: Settings):
     from workers.features import store as feast_store
 
-    offline.write_snapshots(transactions, feast_store.data_dir(settings), last_days=5)
-    store = feast_store.feature_store(settings)
-    feast_store.apply(store, settings)
-    feast_store.materialize(store, settings)
-    return store
+    return feast_store.load_online(settings, transactions, last_days=5)
 
 
 @pytest.fixture(scope="module")

@@ -36,15 +36,11 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 SIM = SimulatorConfig(n_customers=400, n_terminals=800, n_days=45, seed=7)
 
 
-def _materialize(settings: Settings, repo: Path) -> None:
-    from workers.features import offline, store
+def _materialize(settings: Settings) -> None:
+    from workers.features.store import load_online
     from workers.simulator import simulate_transactions
 
-    transactions = simulate_transactions(SIM)
-    offline.write_snapshots(transactions, repo / "data")
-    feature_store = store.feature_store(settings)
-    store.apply(feature_store, settings)
-    store.materialize(feature_store, settings)
+    load_online(settings, simulate_transactions(SIM))
 
 
 def _feast_env(settings: Settings) -> dict[str, str]:
@@ -64,7 +60,7 @@ def features(local_stack: Settings, tmp_path_factory: pytest.TempPathFactory) ->
         redis={"url": local_stack.redis.url.rsplit("/", 1)[0] + "/3"},
     )
     redis.Redis.from_url(settings.redis.url).flushdb()
-    _materialize(settings, repo)
+    _materialize(settings)
     return settings
 
 
@@ -278,7 +274,7 @@ def test_redis_outage_degrades_decisions_and_recovery_restores_full_ones(
     subprocess.run(redis_cmd, check=True)
     outage_settings = features.model_copy(update={"redis": features.redis.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})})
     _wait_redis(port)
-    _materialize(outage_settings, Path(features.feast.repo_path))
+    _materialize(outage_settings)
     client = redis.Redis(port=port)
 
     env = worker_env(kafka_topics, _feast_env(outage_settings), FRAUDSCORE_REDIS__TIMEOUT_MS="50")

@@ -172,3 +172,15 @@ def materialize(
     for view in tqdm((d.CUSTOMER_VIEW, d.TERMINAL_VIEW), desc="materialize", unit="view", disable=not show_progress):
         store.materialize(start_date=start, end_date=end, feature_views=[view])
     return start, end
+
+
+def load_online(settings: Settings, transactions, last_days: int | None = None) -> FeatureStore:
+    """Snapshots of ``transactions`` written where the repo reads them, applied and
+    materialized: the online store then serves them (tests, benchmarks, local runs)."""
+    from workers.features.offline import write_snapshots
+
+    write_snapshots(transactions, data_dir(settings), last_days=last_days)
+    store = feature_store(settings)
+    apply(store, settings)
+    materialize(store, settings)
+    return store
