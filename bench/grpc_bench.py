@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=6.0, help="measured seconds per rate")
     p.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds per rate")
     p.add_argument("--processes", type=int, default=2, help="server processes on one port")
-    p.add_argument("--streams", type=int, default=8, help="client streams (one connection each)")
+    p.add_argument("--streams", type=int, default=32, help="client streams (one connection each)")
     p.add_argument("--budget-ms", type=float, default=10.0, help="budget per request")
     p.add_argument("--port", type=int, default=50071)
     p.add_argument("--skip-echo", action="store_true")
@@ -64,11 +64,11 @@ def canned_response_bytes() -> bytes:
 
 
 def echo_process(port: int) -> None:
-    import asyncio
-
     import grpc
 
     from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
+    from workers.rpc.server import run_loop
+    from workers.settings import load_settings
 
     template = fraud_pb2.ScoreResponse.FromString(canned_response_bytes())
 
@@ -87,7 +87,8 @@ def echo_process(port: int) -> None:
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(main())
+    # The same loop implementation as the service, so the floor is the same server stack.
+    run_loop(main(), load_settings().grpc.event_loop)
 
 
 def run_echo_server(port: int, processes: int) -> None:

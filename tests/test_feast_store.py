@@ -74,11 +74,13 @@ def test_feast_reads_back_the_offline_values(transactions: pd.DataFrame, redis_s
 
 
 @pytest.mark.redis
-def test_lean_reader_equals_feast_bit_for_bit(transactions: pd.DataFrame, redis_store) -> None:
+# 60 known rows take the small-batch dedup (a dict), 200 take np.unique: both must agree.
+@pytest.mark.parametrize("n", [60, 200])
+def test_lean_reader_equals_feast_bit_for_bit(transactions: pd.DataFrame, redis_store, n: int) -> None:
     from workers.features.online import FeastSdkReader, LeanRedisReader
 
     settings, store = redis_store
-    customers, terminals = _known_ids(transactions, 60)
+    customers, terminals = _known_ids(transactions, n)
     # Unknown ids, and duplicates of known ones, in the same batch.
     customers = np.concatenate([customers, [UNKNOWN, customers[0], UNKNOWN + 1]])
     terminals = np.concatenate([[UNKNOWN], terminals, [terminals[0], terminals[1]]])
@@ -89,11 +91,32 @@ def test_lean_reader_equals_feast_bit_for_bit(transactions: pd.DataFrame, redis_
         assert a.dtype == b.dtype and a.shape == b.shape
         assert a.tobytes() == b.tobytes(), name
     assert lean.customer.dtype == np.float32 and lean.customer.shape == (len(customers), len(d.CUSTOMER_FEATURES))
-    assert not lean.customer_found[60] and not lean.terminal_found[0]
-    assert (lean.customer[60] == d.ENTITY_DEFAULT).all()
-    assert lean.customer_found[:60].all() and lean.terminal_found[1:61].all()
-    expected_customer, _ = _latest_offline(transactions, customers[:60], terminals[1:61])
-    np.testing.assert_array_equal(lean.customer[:60], expected_customer)
+    assert not lean.customer_found[n] and not lean.terminal_found[0]
+    assert (lean.customer[n] == d.ENTITY_DEFAULT).all()
+    assert lean.customer_found[:n].all() and lean.terminal_found[1 : n + 1].all()
+    expected_customer, _ = _latest_offline(transactions, customers[:n], terminals[1 : n + 1])
+    np.testing.assert_array_equal(lean.customer[:n], expected_customer)
+
+
+def test_lean_reader_reconnects_after_its_connection_is_killed(transactions: pd.DataFrame, redis_store) -> None:
+    import redis
+
+    from workers.features.online import FeaturesUnavailable, LeanRedisReader
+
+    settings, _ = redis_store
+    customers, terminals = _known_ids(transactions, 3)
+    reader = LeanRedisReader(settings)
+    before = reader.read(customers, terminals)
+    admin = redis.Redis.from_url(settings.redis.url)
+    killed = admin.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1  # the reader's own connection was among them
+    try:
+        reader.read(customers, terminals)  # may fail once: its socket is gone
+    except FeaturesUnavailable:
+        pass
+    after = reader.read(customers, terminals)  # a fresh connection, the same values
+    assert after.customer.tobytes() == before.customer.tobytes()
+    assert after.terminal.tobytes() == before.terminal.tobytes()
 
 
 @pytest.mark.redis

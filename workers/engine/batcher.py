@@ -93,22 +93,32 @@ class Batcher:
     # --- producer side ---------------------------------------------------------------
     def submit(self, request: Request) -> bool:
         """Queues a request; False (immediately) when the queue is full or closed."""
-        rows = len(request.txns)
-        if rows > self.capacity_rows:
-            raise ValueError(f"a request of {rows} rows can never fit a queue of {self.capacity_rows}")
+        return self.submit_many((request,))[0]
+
+    def submit_many(self, requests: Sequence[Request]) -> list[bool]:
+        """Queues several requests under one lock and one executor wake-up (per request: did
+        it fit). A source that collects what arrived together (gRPC: one event-loop pass)
+        saves a wake-up per request and hands the executor a batch instead of a row."""
+        accepted: list[bool] = []
+        for request in requests:
+            if len(request.txns) > self.capacity_rows:
+                raise ValueError(f"a request of {len(request.txns)} rows can never fit a queue of {self.capacity_rows}")
         with self._cond:
-            if self._closed or self._queued_rows + rows > self.capacity_rows:
-                rejected = True
-            else:
-                rejected = False
-                entry = (request.priority, request.deadline_ns, next(self._seq), request)
-                heapq.heappush(self._heap, entry)
+            for request in requests:
+                rows = len(request.txns)
+                if self._closed or self._queued_rows + rows > self.capacity_rows:
+                    accepted.append(False)
+                    continue
+                heapq.heappush(self._heap, (request.priority, request.deadline_ns, next(self._seq), request))
                 self._queued_rows += rows
                 self._arrived_rows += rows
+                accepted.append(True)
+            if any(accepted):
                 self._cond.notify()
-        if rejected:
-            metrics.QUEUE_REJECTED.labels(request.priority.name.lower()).inc(rows)
-        return not rejected
+        for request, ok in zip(requests, accepted):
+            if not ok:
+                metrics.QUEUE_REJECTED.labels(request.priority.name.lower()).inc(len(request.txns))
+        return accepted
 
     # --- executor side ---------------------------------------------------------------
     def next_batch(self) -> list[Request] | None:

@@ -123,6 +123,21 @@ class ScoringEngine:
             return True
         return self.batcher.submit(Request(txns, deadline_ns, priority, on_done, time.monotonic_ns()))
 
+    def submit_many(self, requests: Sequence[tuple[Sequence[Transaction], int, Priority, DoneCallback]]) -> list[bool]:
+        """``submit`` for several requests at once (one lock, one executor wake-up); per
+        request, whether it was queued. Empty requests are answered at once, like ``submit``."""
+        now = time.monotonic_ns()
+        queued = [Request(txns, deadline_ns, priority, on_done, now) for txns, deadline_ns, priority, on_done in requests if txns]
+        verdicts = iter(self.batcher.submit_many(queued))
+        accepted = []
+        for txns, _, _, on_done in requests:
+            if txns:
+                accepted.append(next(verdicts))
+            else:
+                on_done([], BatchTiming(0, 0, 0, 0, 0, "", 0))
+                accepted.append(True)
+        return accepted
+
     def deadline_after(self, budget_ms: float | None = None) -> int:
         """A deadline ``budget_ms`` (default: settings.default_budget_ms) from now."""
         budget = self.settings.default_budget_ms if budget_ms is None else budget_ms

@@ -80,7 +80,11 @@ class FixedWidthReply:
         cells = np.frombuffer(raw, dtype=_VALUE_DTYPE)
         tags = cells["tag"]
         self.present = tags == FLOAT32_TAG
-        self.values = np.where(self.present, cells["value"], np.float32(0)).astype(np.float32)
+        self.values = cells["value"].astype(np.float32)  # a copy, and aligned
+        self.odd = odd
+        if self.present.all():  # the common case: every cell a Float32, nothing else to look at
+            return
+        self.values[~self.present] = 0.0
         other_type = np.flatnonzero((tags != 0) & ~self.present).tolist()
         self.odd = {**odd, **{i: raw[i * VALUE_WIDTH : (i + 1) * VALUE_WIDTH] for i in other_type}}
 

@@ -13,7 +13,9 @@ import asyncio
 import logging
 import multiprocessing
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -145,7 +147,17 @@ def _child_main(settings_json: str, index: int) -> None:
     start_metrics_server(settings)
     # Built on the main thread: the model holder installs its SIGHUP (reload) handler there.
     engine = build_engine(settings, executors=GRPC_EXECUTORS)
-    asyncio.run(serve_until_signalled(settings, engine))
+    run_loop(serve_until_signalled(settings, engine), settings.grpc.event_loop)
+
+
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """``asyncio.run`` on the configured loop implementation (the echo floor uses it too)."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 def run(settings: Settings) -> int:
