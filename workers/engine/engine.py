@@ -118,14 +118,11 @@ class ScoringEngine:
         timing)`` is called exactly once per accepted request, from an engine thread,
         with decisions in the order of ``txns``.
         """
-        if not txns:
-            on_done([], BatchTiming(0, 0, 0, 0, 0, "", 0))
-            return True
-        return self.batcher.submit(Request(txns, deadline_ns, priority, on_done, time.monotonic_ns()))
+        return self.submit_many([(txns, deadline_ns, priority, on_done)])[0]
 
     def submit_many(self, requests: Sequence[tuple[Sequence[Transaction], int, Priority, DoneCallback]]) -> list[bool]:
         """``submit`` for several requests at once (one lock, one executor wake-up); per
-        request, whether it was queued. Empty requests are answered at once, like ``submit``."""
+        request, whether it was queued. A request with no transactions is answered at once."""
         now = time.monotonic_ns()
         queued = [Request(txns, deadline_ns, priority, on_done, now) for txns, deadline_ns, priority, on_done in requests if txns]
         verdicts = iter(self.batcher.submit_many(queued))

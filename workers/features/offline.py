@@ -64,19 +64,19 @@ def _margin_us() -> int:
 
 
 def customer_history(transactions: pd.DataFrame) -> History:
-    return History.build(
-        transactions["customer_id"].to_numpy(np.int64),
-        transactions["event_time_us"].to_numpy(np.int64),
-        {"amount": transactions["amount"].to_numpy(np.float64)},
-        _margin_us(),
-    )
+    return _history(transactions, "customer_id", "amount", "amount")
 
 
 def terminal_history(transactions: pd.DataFrame) -> History:
+    return _history(transactions, "terminal_id", "fraud", "is_fraud")
+
+
+def _history(transactions: pd.DataFrame, key_column: str, name: str, value_column: str) -> History:
+    """One entity's history with one summed value (``name``) taken from ``value_column``."""
     return History.build(
-        transactions["terminal_id"].to_numpy(np.int64),
+        transactions[key_column].to_numpy(np.int64),
         transactions["event_time_us"].to_numpy(np.int64),
-        {"fraud": transactions["is_fraud"].to_numpy(np.float64)},
+        {name: transactions[value_column].to_numpy(np.float64)},
         _margin_us(),
     )
 

@@ -227,7 +227,9 @@ class Dispatcher:
             pending.degrade(DegradedCause.OVERLOADED, refusal)
             return
         admission.in_flight += 1
-        pending.timer = self._loop.call_later(budget_ns / 1e9, pending.deadline_reached)
+        # Counted from arrival, not from now: the fallback must not come later than the budget.
+        remaining_s = (arrival_ns + budget_ns - time.monotonic_ns()) / 1e9
+        pending.timer = self._loop.call_later(remaining_s, pending.deadline_reached)
         # Requests read in the same loop pass go to the engine together (see _flush).
         self._outbox.append(pending)
         if len(self._outbox) == 1:
