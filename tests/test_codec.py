@@ -10,7 +10,8 @@ import pytest
 from workers import codec
 from workers.records import Decision, DegradedCause, Outcome, Transaction
 
-TXN = Transaction("t-1", customer_id=3, terminal_id=9, amount=12.5, event_time_us=1_700_000_000_000_000)
+T0 = 1_700_000_000_000_000
+TXN = Transaction("t-1", customer_id=3, terminal_id=9, amount=12.5, event_time_us=T0)
 
 
 def test_json_and_protobuf_forms_decode_to_the_same_transaction() -> None:
@@ -25,17 +26,17 @@ def test_json_and_protobuf_forms_decode_to_the_same_transaction() -> None:
 @pytest.mark.parametrize(
     ("payload", "kind", "reason_part"),
     [
-        (b"", "empty", "no value"),
-        (None, "empty", "no value"),
+        (b"", "empty", "empty"),
+        (None, "tombstone", "null"),
         (b"{not json", "malformed-json", ""),
         (json.dumps({"transaction_id": "x", "customer_id": "abc", "terminal_id": 1, "amount": 1,
-                     "event_time_us": 1}).encode(), "schema", "customer_id"),
-        (json.dumps({"customer_id": 1, "terminal_id": 1, "amount": 1, "event_time_us": 1}).encode(),
+                     "event_time_us": T0}).encode(), "schema", "customer_id"),
+        (json.dumps({"customer_id": 1, "terminal_id": 1, "amount": 1, "event_time_us": T0}).encode(),
          "schema", "transaction_id"),
         (json.dumps({"transaction_id": "", "customer_id": 1, "terminal_id": 1, "amount": 1,
-                     "event_time_us": 1}).encode(), "schema", "transaction_id"),
+                     "event_time_us": T0}).encode(), "schema", "transaction_id"),
         (json.dumps({"transaction_id": "x", "customer_id": 1, "terminal_id": 1, "amount": -5,
-                     "event_time_us": 1}).encode(), "schema", "amount"),
+                     "event_time_us": T0}).encode(), "schema", "amount"),
         (b"{" + b" " * (codec.MAX_EVENT_BYTES + 1) + b"}", "too-large", "limit"),
         (b"\xff\xfe\x00garbage-bytes\x17", "malformed-protobuf", ""),
     ],
@@ -51,7 +52,7 @@ def test_protobuf_that_parses_but_misses_ids_is_a_schema_error() -> None:
     """Protobuf parses almost any bytes into *some* message; the constraints must still apply."""
     from workers.proto.fraud.v1 import fraud_pb2
 
-    empty_id = fraud_pb2.Transaction(customer_id=1, terminal_id=2, amount=3.0, event_time_us=4).SerializeToString()
+    empty_id = fraud_pb2.Transaction(customer_id=1, terminal_id=2, amount=3.0, event_time_us=T0).SerializeToString()
     with pytest.raises(codec.InvalidEvent, match="transaction_id") as caught:
         codec.decode_transaction(empty_id, codec.PROTOBUF_CONTENT_TYPE)
     assert caught.value.kind == "schema"

@@ -8,6 +8,8 @@ msgspec constraints, so a protobuf event cannot slip past a rule the JSON form o
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 from google.protobuf.message import DecodeError
 
@@ -17,6 +19,9 @@ from workers.records import Decision, DegradedCause, Outcome, Transaction
 # Far above any real transaction event (a few hundred bytes); bigger payloads are rejected
 # before parsing so a hostile producer cannot make the worker parse megabytes.
 MAX_EVENT_BYTES = 64 * 1024
+
+# DLQ headers and logs carry the reason; a decoder's message can quote the payload at length.
+_REASON_MAX_CHARS = 500
 
 JSON_CONTENT_TYPE = "application/json"
 PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
@@ -30,19 +35,41 @@ class InvalidEvent(ValueError):
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(f"{kind}: {reason}")
-        self.kind = kind  # too-large | empty | malformed-json | malformed-protobuf | schema
+        # tombstone | empty | too-large | malformed-json | malformed-protobuf | schema
+        # | too-deep | invalid-utf8 | undecodable
+        self.kind = kind
         self.reason = reason
 
 
 def decode_transaction(payload: bytes | None, content_type: str | None = None) -> Transaction:
-    """Parses and validates one event, or raises ``InvalidEvent`` saying why not."""
+    """Parses and validates one event, or raises ``InvalidEvent`` saying why not.
+
+    Nothing else escapes: a decoder's own failure (nesting too deep for the parser, invalid
+    UTF-8, anything unforeseen) is an ``InvalidEvent`` too, so one hostile message ends in
+    the dead-letter topic instead of taking its partition down with the worker.
+    """
+    if payload is None:
+        raise InvalidEvent("tombstone", "the message value is null")
     if not payload:
-        raise InvalidEvent("empty", "the message has no value")
+        raise InvalidEvent("empty", "the message value is empty")
     if len(payload) > MAX_EVENT_BYTES:
         raise InvalidEvent("too-large", f"{len(payload)} bytes, the limit is {MAX_EVENT_BYTES}")
-    if content_type == PROTOBUF_CONTENT_TYPE or (content_type is None and not _looks_like_json(payload)):
-        return _decode_protobuf(payload)
-    return _decode_json(payload)
+    try:
+        if content_type == PROTOBUF_CONTENT_TYPE or (content_type is None and not _looks_like_json(payload)):
+            return _decode_protobuf(payload)
+        return _decode_json(payload)
+    except InvalidEvent:
+        raise
+    except RecursionError:
+        raise InvalidEvent("too-deep", "nested deeper than the decoder's recursion limit") from None
+    except UnicodeError as exc:
+        raise InvalidEvent("invalid-utf8", _clip(str(exc))) from None
+    except Exception as exc:  # whatever a decoder raises, the message must still get an answer
+        raise InvalidEvent("undecodable", _clip(f"{type(exc).__name__}: {exc}")) from None
+
+
+def _clip(reason: str) -> str:
+    return reason[:_REASON_MAX_CHARS]
 
 
 def _looks_like_json(payload: bytes) -> bool:
@@ -51,11 +78,37 @@ def _looks_like_json(payload: bytes) -> bool:
 
 def _decode_json(payload: bytes) -> Transaction:
     try:
-        return _json_decoder.decode(payload)
+        transaction = _json_decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise InvalidEvent("schema", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidEvent("malformed-json", str(exc)) from None
+    if _may_repeat_a_field(payload):
+        _reject_repeated_fields(payload)
+    return transaction
+
+
+# A transaction field given twice would be decided on whichever copy the parser kept (the
+# last, for msgspec): ambiguous, so rejected. Counting each field's quoted name is a cheap
+# screen; only a payload that might repeat one (or escapes a key, which the screen cannot
+# read) is parsed again, exactly.
+_FIELD_TOKENS = tuple(f'"{name}"'.encode() for name in Transaction.__struct_fields__)
+
+
+def _may_repeat_a_field(payload: bytes) -> bool:
+    return b"\\" in payload or any(payload.count(token) > 1 for token in _FIELD_TOKENS)
+
+
+def _reject_repeated_fields(payload: bytes) -> None:
+    def check_object(pairs: list[tuple[str, object]]) -> dict:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen and key in Transaction.__struct_fields__:
+                raise InvalidEvent("schema", f"field {key!r} appears more than once")
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(payload, object_pairs_hook=check_object)
 
 
 def _decode_protobuf(payload: bytes) -> Transaction:
@@ -67,8 +120,16 @@ def _decode_protobuf(payload: bytes) -> Transaction:
     return transaction_from_proto(message)
 
 
+# proto3 scalars read 0 when absent: presence (``optional`` in the .proto) tells a customer 0
+# from a field the producer never set.
+_REQUIRED_PROTO_FIELDS = ("customer_id", "terminal_id", "amount", "event_time_us")
+
+
 def transaction_from_proto(message: fraud_pb2.Transaction) -> Transaction:
     """Validates a protobuf Transaction with the JSON form's constraints."""
+    missing = [name for name in _REQUIRED_PROTO_FIELDS if not message.HasField(name)]
+    if missing:
+        raise InvalidEvent("schema", f"required field(s) not set: {', '.join(missing)}")
     fields = {
         "transaction_id": message.transaction_id,
         "customer_id": message.customer_id,

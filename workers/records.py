@@ -12,9 +12,17 @@ from typing import Annotated
 
 import msgspec
 
-NonEmptyId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# Bounds fit the proto's types (int64, double) and real card traffic, so a validated event can
+# always be assembled into features and encoded back onto the wire in either format.
+MAX_ID_CHARS = 128
+NonEmptyId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
 EntityId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Amount = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
+# 2000-01-01T00:00:00Z <= event time < 2100-01-01T00:00:00Z, in microseconds.
+EVENT_TIME_MIN_US = 946_684_800_000_000
+EVENT_TIME_MAX_US = 4_102_444_800_000_000 - 1
+EventTimeUs = Annotated[int, msgspec.Meta(ge=EVENT_TIME_MIN_US, le=EVENT_TIME_MAX_US)]
+Currency = Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
 
 
 class Transaction(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=False):
@@ -25,8 +33,8 @@ class Transaction(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=F
     terminal_id: EntityId
     amount: Amount
     # When the card was presented, microseconds since the Unix epoch (UTC).
-    event_time_us: Annotated[int, msgspec.Meta(ge=0)]
-    currency: Annotated[str, msgspec.Meta(min_length=3, max_length=3)] = "EUR"
+    event_time_us: EventTimeUs
+    currency: Currency = "EUR"
 
 
 class Outcome(enum.IntEnum):
@@ -45,6 +53,7 @@ class DegradedCause(enum.IntEnum):
     MODEL_UNAVAILABLE = 2
     BUDGET_EXCEEDED = 3
     OVERLOADED = 4
+    FEATURES_LOST = 5
 
 
 class Decision(msgspec.Struct, gc=False):

@@ -21,6 +21,7 @@ class DegradedCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_UNAVAILABLE: _ClassVar[DegradedCause]
     BUDGET_EXCEEDED: _ClassVar[DegradedCause]
     OVERLOADED: _ClassVar[DegradedCause]
+    FEATURES_LOST: _ClassVar[DegradedCause]
 OUTCOME_UNSPECIFIED: Outcome
 APPROVE: Outcome
 REVIEW: Outcome
@@ -30,6 +31,7 @@ FEATURES_UNAVAILABLE: DegradedCause
 MODEL_UNAVAILABLE: DegradedCause
 BUDGET_EXCEEDED: DegradedCause
 OVERLOADED: DegradedCause
+FEATURES_LOST: DegradedCause
 
 class Transaction(_message.Message):
     __slots__ = ("transaction_id", "customer_id", "terminal_id", "amount", "event_time_us", "currency")
@@ -100,12 +102,14 @@ class ScoreRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., budget_us: _Optional[int] = ...) -> None: ...
 
 class ScoreError(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "duplicate_request_id")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    duplicate_request_id: bool
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., duplicate_request_id: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("request_id", "decision", "error")
