@@ -8,9 +8,12 @@ instead of calling ``labels()`` per batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from workers.records import Decision, DegradedCause, Outcome
 
 if TYPE_CHECKING:
     from workers.settings import Settings
@@ -68,10 +71,14 @@ ROUTED_OVERFLOW = Counter(
     "Batches that skipped a preferred pool because it would have missed the deadline.",
     ["skipped_pool"],
 )
-DECISIONS = Counter("fraudscore_decisions_total", "Decisions by outcome.", ["outcome"])
+DECISIONS = Counter(
+    "fraudscore_decisions_total",
+    "Decisions delivered (Kafka: handed to the producer; gRPC/REST: answered), by outcome.",
+    ["outcome"],
+)
 DEGRADED = Counter(
     "fraudscore_degraded_decisions_total",
-    "Decisions taken by the rules fallback, by cause.",
+    "Delivered decisions taken by the rules fallback, by cause.",
     ["cause"],
 )
 
@@ -118,6 +125,21 @@ GRPC_SHED = Counter(
     "Requests answered at arrival with the rules fallback (OVERLOADED): no time to score them.",
     ["method"],
 )
+
+
+# Bound once: ``labels()`` per decision costs a dict lookup and a lock.
+_DECISIONS_BY_OUTCOME = {outcome: DECISIONS.labels(outcome.name.lower()) for outcome in Outcome}
+_DEGRADED_BY_CAUSE = {cause: DEGRADED.labels(cause.name.lower()) for cause in DegradedCause}
+
+
+def count_decisions(decisions: Sequence[Decision]) -> None:
+    """Counts decisions where they leave the process, and only there: one decision, one count,
+    whichever path made it (model, rules fallback, deadline timer, load shedding). The engine
+    does not count: an answer it makes after a caller's deadline fallback went out is dropped."""
+    for decision in decisions:
+        _DECISIONS_BY_OUTCOME[decision.outcome].inc()
+        if decision.degraded_cause is not DegradedCause.NONE:
+            _DEGRADED_BY_CAUSE[decision.degraded_cause].inc()
 
 
 def start_metrics_server(settings: Settings) -> tuple[object, object]:

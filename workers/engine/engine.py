@@ -26,7 +26,7 @@ from workers.engine.batcher import Batcher, Priority, Request
 from workers.engine.decide import Decided, decide, fallback
 from workers.engine.models import ModelHolder, ModelRegistry, ServingModel, serving_model_builder
 from workers.features.definitions import CUSTOMER_FEATURES, TERMINAL_FEATURES, assemble
-from workers.records import Decision, DegradedCause, Outcome, Transaction
+from workers.records import Decision, DegradedCause, Transaction
 from workers.settings import EngineSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,6 @@ class ScoringEngine:
         )
         self.executors = executors or self._default_executors()
         self._threads: list[threading.Thread] = []
-        self._outcome_counters = {o: metrics.DECISIONS.labels(o.name.lower()) for o in Outcome}
-        self._degraded_counters = {c: metrics.DEGRADED.labels(c.name.lower()) for c in DegradedCause}
 
     @classmethod
     def from_settings(
@@ -216,7 +214,7 @@ class ScoringEngine:
         except Exception as exc:  # a bug must not kill the executor nor leave callers waiting
             log.exception("batch of %d rows failed; answering with the rules fallback", len(txns))
             decided = fallback(txns, DegradedCause.MODEL_UNAVAILABLE, _detail("internal error", exc))
-        self._record(decided, stages, len(txns))
+        self._record(stages, len(txns))
         self._respond(live, decided.decisions, stages, dequeued_ns)
 
     def _score_batch(self, txns: list[Transaction], deadline_ns: int, stages: _Stages) -> Decided:
@@ -278,23 +276,16 @@ class ScoringEngine:
         waited_ms = (dequeued_ns - min(r.enqueued_ns for r in late)) / 1e6
         detail = f"deadline passed after {waited_ms:.1f} ms in queue"
         decided = self._timed_fallback(txns, DegradedCause.BUDGET_EXCEEDED, detail, None, stages)
-        self._record(decided, stages, len(txns))
+        self._record(stages, len(txns))
         self._respond(late, decided.decisions, stages, dequeued_ns)
 
-    def _record(self, decided: Decided, stages: _Stages, rows: int) -> None:
+    def _record(self, stages: _Stages, rows: int) -> None:
         metrics.BATCH_SIZE.observe(rows)
         if stages.enrich_s:
             metrics.STAGE_ENRICH.observe(stages.enrich_s)
         if stages.device:
             metrics.STAGE_INFERENCE.observe(stages.inference_s)
         metrics.STAGE_DECIDE.observe(stages.decide_s)
-        counts = np.bincount(decided.outcomes, minlength=len(Outcome) + 1)
-        for outcome, counter in self._outcome_counters.items():
-            if counts[outcome]:
-                counter.inc(int(counts[outcome]))
-        degraded = decided.decisions[0].degraded_cause if decided.decisions else DegradedCause.NONE
-        if degraded is not DegradedCause.NONE:
-            self._degraded_counters[degraded].inc(rows)
 
     def _respond(
         self,

@@ -194,6 +194,7 @@ class KafkaWorker:
             # Event time is the producer's clock: skew between hosts shows up here, by design.
             end_to_end((decision.decided_at_us - decision.event_time_us) / 1e6)
         metrics.STAGE_PRODUCE.observe(time.perf_counter() - started)
+        metrics.count_decisions(decisions)
         self.decided += len(decisions)
         if self._exactly_once:
             # Inside a transaction, "done" means "in the transaction": the commit makes it durable.

@@ -148,6 +148,7 @@ class Pending:
         self.done = True
         self.method.in_flight.dec()
         self.method.latency.observe((time.monotonic_ns() - self.arrival_ns) / 1e9)
+        metrics.count_decisions((decision,))
         self.sink(decision, timing)
 
 
