@@ -68,6 +68,15 @@ def decode_transaction(payload: bytes | None, content_type: str | None = None) -
         raise InvalidEvent("undecodable", _clip(f"{type(exc).__name__}: {exc}")) from None
 
 
+def content_type_of(headers: list[tuple[str, bytes | None]] | None) -> str | None:
+    """The event's ``content-type`` header, normalised (parameters dropped, lower case);
+    None when absent, so the payload is sniffed. Any header bytes are accepted."""
+    for key, value in headers or ():
+        if key == "content-type" and value:
+            return value.decode("ascii", "replace").split(";", 1)[0].strip().lower() or None
+    return None
+
+
 def _clip(reason: str) -> str:
     return reason[:_REASON_MAX_CHARS]
 

@@ -100,6 +100,10 @@ DLQ_MESSAGES = Counter(
     "Messages sent to the dead-letter topic, by reason.",
     ["reason"],
 )
+DLQ_WRITE_FAILURES = Counter(
+    "fraudscore_dlq_write_failures_total",
+    "Dead-letter records the broker refused for good (logged with their source coordinates).",
+)
 CONSUMER_LAG = Gauge(
     "fraudscore_consumer_lag_messages",
     "High watermark minus committed/consumed position, by partition.",

@@ -18,6 +18,7 @@ threads call ``_on_decided`` (confluent-kafka's Producer is thread-safe).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -32,6 +33,7 @@ from workers import codec, metrics
 from workers.engine.batcher import Priority
 from workers.kafka.config import consumer_config, producer_config
 from workers.kafka.offsets import Chunk, OffsetTracker
+from workers.logs import RateLimitedLog
 from workers.records import Decision, Transaction
 from workers.settings import KafkaSettings
 
@@ -65,14 +67,16 @@ class KafkaWorker:
         self._exactly_once = kafka.delivery == "exactly-once"
         self._encode_decision, self._decision_content_type = codec.DECISION_ENCODERS[kafka.decision_format]
         self._tracker = OffsetTracker()
-        # Decoded chunks waiting for room in the engine queue: (chunk, txns, received_ns).
-        self._backlog: deque[tuple[Chunk, list[Transaction], int]] = deque()
+        # Decoded chunks waiting for room in the engine queue: (chunk, txns, their messages, received_ns).
+        self._backlog: deque[tuple[Chunk, list[Transaction], list[Message], int]] = deque()
         self._paused = False
         self._blocked_since = 0.0  # when the engine queue started refusing the backlog head
         self._stop = threading.Event()
         self._producer = Producer(producer_config(kafka))
         self._consumer = Consumer({**consumer_config(kafka), "stats_cb": self._on_stats})
         self._last_txn_commit = time.monotonic()
+        self._warn = RateLimitedLog(log)
+        self._decided_lock = threading.Lock()
         self.decided = 0  # decisions handed to the producer, for logs and tests
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -138,14 +142,17 @@ class KafkaWorker:
         first = messages[0]
         chunk = self._tracker.track(first.topic(), first.partition(), first.offset(), messages[-1].offset())
         txns: list[Transaction] = []
+        sources: list[Message] = []
         for message in messages:
             try:
-                txns.append(codec.decode_transaction(message.value(), _content_type(message)))
+                txns.append(decode_message(message))
             except codec.InvalidEvent as error:
-                self._dead_letter(message, error, chunk)
+                self._dead_letter(message, chunk, error.kind, error.reason)
+                continue
+            sources.append(message)
         if not txns:
             return
-        self._backlog.append((chunk, txns, time.monotonic_ns()))
+        self._backlog.append((chunk, txns, sources, time.monotonic_ns()))
         self._submit_backlog()
 
     def _submit_backlog(self) -> None:
@@ -154,8 +161,8 @@ class KafkaWorker:
         because librdkafka drops and re-fetches the prefetched messages on every resume
         (measured: pausing at each full queue cut a drain from ~67k to ~12k events/s)."""
         while self._backlog:
-            chunk, txns, received_ns = self._backlog[0]
-            on_done = self._decision_callback(chunk)
+            chunk, txns, sources, received_ns = self._backlog[0]
+            on_done = self._decision_callback(chunk, sources)
             if not self._engine.submit(txns, received_ns + self._budget_ns, Priority.STREAM, on_done):
                 self._blocked_since = self._blocked_since or time.monotonic()
                 if time.monotonic() - self._blocked_since > _PAUSE_AFTER_S:
@@ -177,30 +184,42 @@ class KafkaWorker:
 
     # --- engine -> decisions topic -------------------------------------------------------
 
-    def _decision_callback(self, chunk: Chunk) -> Callable[[list[Decision], Any], None]:
+    def _decision_callback(self, chunk: Chunk, sources: list[Message]) -> Callable[[list[Decision], Any], None]:
         def on_decided(decisions: list[Decision], timing: Any = None) -> None:
-            self._produce_decisions(chunk, decisions)
+            self._produce_decisions(chunk, sources, decisions)
 
         return on_decided
 
-    def _produce_decisions(self, chunk: Chunk, decisions: list[Decision]) -> None:
-        encode, content_type = self._encode_decision, self._decision_content_type
-        on_delivery = self._delivery_callback(chunk)
+    def _produce_decisions(self, chunk: Chunk, sources: list[Message], decisions: list[Decision]) -> None:
+        """Engine thread. Each decision on its own: one that cannot be encoded or produced sends
+        its event to the DLQ instead, and its neighbours still get theirs."""
         started = time.perf_counter()
         end_to_end = metrics.STAGE_END_TO_END.observe
-        for decision in decisions:
-            headers = [("model-version", decision.model_version), ("content-type", content_type)]
-            self._produce(self._kafka.decisions_topic, decision.transaction_id, encode(decision), headers, on_delivery)
+        produced: list[Decision] = []
+        for source, decision in zip(sources, decisions):
+            try:
+                self._produce_decision(chunk, source, decision)
+            except Exception as exc:
+                self._dead_letter(source, chunk, "undeliverable-decision", f"{type(exc).__name__}: {exc}")
+                continue
+            produced.append(decision)
             # Event time is the producer's clock: skew between hosts shows up here, by design.
             end_to_end((decision.decided_at_us - decision.event_time_us) / 1e6)
         metrics.STAGE_PRODUCE.observe(time.perf_counter() - started)
-        metrics.count_decisions(decisions)
-        self.decided += len(decisions)
+        metrics.count_decisions(produced)
+        with self._decided_lock:
+            self.decided += len(produced)
         if self._exactly_once:
             # Inside a transaction, "done" means "in the transaction": the commit makes it durable.
-            self._tracker.ack(chunk, len(decisions))
+            self._tracker.ack(chunk, len(produced))
 
-    def _produce(self, topic: str, key: str | bytes | None, value: bytes, headers: list, on_delivery) -> None:
+    def _produce_decision(self, chunk: Chunk, source: Message, decision: Decision) -> None:
+        headers = [("model-version", decision.model_version), ("content-type", self._decision_content_type)]
+        on_delivery = functools.partial(self._on_decision_delivery, chunk, source)
+        self._produce(self._kafka.decisions_topic, decision.transaction_id, self._encode_decision(decision), headers,
+                      on_delivery)
+
+    def _produce(self, topic: str, key: str | bytes | None, value: bytes | None, headers: list, on_delivery) -> None:
         while True:
             try:
                 self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
@@ -209,35 +228,58 @@ class KafkaWorker:
                 # The producer's local queue is full: let it send, then retry. Never drop.
                 self._producer.poll(0.01)
 
-    def _delivery_callback(self, chunk: Chunk) -> Callable[[KafkaError | None, Message], None]:
-        def on_delivery(error: KafkaError | None, message: Message) -> None:
-            if error is not None:
-                # Idempotent producer retries internally; reaching here means it gave up.
-                # Re-send instead of acking, so the offset is never committed past a loss.
-                log.error("delivery to %s failed (%s); re-sending", message.topic(), error)
-                self._produce(message.topic(), message.key(), message.value(), message.headers() or [], on_delivery)
-                return
+    def _on_decision_delivery(self, chunk: Chunk, source: Message, error: KafkaError | None, message: Message) -> None:
+        if error is None:
             if not self._exactly_once:
                 self._tracker.ack(chunk)
+        elif _can_never_land(error) and not self._exactly_once:
+            # The broker refuses this record for good (too large, invalid): re-sending would
+            # stall the partition for ever, so the event goes to the DLQ with the reason.
+            self._dead_letter(source, chunk, "undeliverable-decision", f"the broker refused the decision: {error}")
+        else:
+            # The idempotent producer retried until message.timeout.ms. Re-send instead of
+            # acking, so the offset is never committed past a loss.
+            self._warn.warning("produce", "delivery to %s failed (%s); re-sending", message.topic(), error)
+            on_delivery = functools.partial(self._on_decision_delivery, chunk, source)
+            self._produce(message.topic(), message.key(), message.value(), message.headers() or [], on_delivery)
 
-        return on_delivery
-
-    def _dead_letter(self, message: Message, error: codec.InvalidEvent, chunk: Chunk) -> None:
-        value = message.value() or b""
-        headers = [
-            ("dlq-reason", error.reason[:1000]),
-            ("dlq-error-kind", error.kind),
-            ("dlq-source-topic", message.topic()),
-            ("dlq-source-partition", str(message.partition())),
-            ("dlq-source-offset", str(message.offset())),
+    def _dead_letter(self, source: Message, chunk: Chunk, kind: str, reason: str) -> None:
+        """The event's original bytes (a null value stays null) to the DLQ, with why and where from."""
+        value = source.value()
+        headers: list[tuple[str, bytes]] = [
+            # Header values are bytes: a reason may quote text that does not encode cleanly.
+            ("dlq-reason", reason[:1000].encode("utf-8", "backslashreplace")),
+            ("dlq-error-kind", kind.encode()),
+            ("dlq-source-topic", source.topic().encode()),
+            ("dlq-source-partition", str(source.partition()).encode()),
+            ("dlq-source-offset", str(source.offset()).encode()),
         ]
-        if len(value) > _DLQ_MAX_VALUE_BYTES:
-            headers.append(("dlq-truncated-from-bytes", str(len(value))))
+        if value is not None and len(value) > _DLQ_MAX_VALUE_BYTES:
+            headers.append(("dlq-truncated-from-bytes", str(len(value)).encode()))
             value = value[:_DLQ_MAX_VALUE_BYTES]
-        metrics.DLQ_MESSAGES.labels(error.kind).inc()
-        log.warning("offset %s/%d/%d to DLQ: %s", message.topic(), message.partition(), message.offset(), error)
-        self._produce(self._kafka.dlq_topic, message.key(), value, headers, self._delivery_callback(chunk))
+        metrics.DLQ_MESSAGES.labels(kind).inc()
+        self._warn.warning(f"dlq:{kind}", "offset %s/%d/%d to DLQ (%s): %s", source.topic(), source.partition(),
+                           source.offset(), kind, reason[:200])
+        on_delivery = functools.partial(self._on_dlq_delivery, chunk)
+        try:
+            self._produce(self._kafka.dlq_topic, source.key(), value, headers, on_delivery)
+        except Exception as exc:  # the key or value itself cannot be sent: keep where it came from and why
+            headers.append(("dlq-payload-dropped", f"{type(exc).__name__}: {exc}"[:200].encode()))
+            self._produce(self._kafka.dlq_topic, None, None, headers, on_delivery)
         if self._exactly_once:
+            self._tracker.ack(chunk)
+
+    def _on_dlq_delivery(self, chunk: Chunk, error: KafkaError | None, message: Message) -> None:
+        if error is not None and not _can_never_land(error):
+            self._warn.warning("produce", "delivery to %s failed (%s); re-sending", message.topic(), error)
+            on_delivery = functools.partial(self._on_dlq_delivery, chunk)
+            self._produce(message.topic(), message.key(), message.value(), message.headers() or [], on_delivery)
+            return
+        if error is not None:
+            # Nowhere left to put it: log the coordinates loudly and move on rather than stall.
+            metrics.DLQ_WRITE_FAILURES.inc()
+            log.error("the DLQ refused a record for good (%s); headers: %s", error, message.headers())
+        if not self._exactly_once:
             self._tracker.ack(chunk)
 
     # --- offsets ---------------------------------------------------------------------------
@@ -315,7 +357,7 @@ class KafkaWorker:
             return
         if error.fatal():
             raise KafkaException(error)
-        log.warning("consumer error: %s", error)
+        self._warn.warning(f"consumer:{error.code()}", "consumer error: %s", error)
 
     def _on_stats(self, stats_json: str) -> None:
         stats = json.loads(stats_json)
@@ -325,11 +367,30 @@ class KafkaWorker:
                     metrics.CONSUMER_LAG.labels(partition).set(p["consumer_lag"])
 
 
+def decode_message(message: Message) -> Transaction:
+    """The transaction a consumed message carries, or ``codec.InvalidEvent``: nothing else
+    escapes, whatever its value or headers hold."""
+    return codec.decode_transaction(message.value(), _content_type(message))
+
+
 def _content_type(message: Message) -> str | None:
-    headers = message.headers()
-    if not headers:
+    try:
+        headers = message.headers()
+    except Exception:  # header bytes the client cannot turn into str: sniff the payload instead
         return None
-    for key, value in headers:
-        if key == "content-type" and value:
-            return value.decode("ascii", "replace")
-    return None
+    return codec.content_type_of(headers)
+
+
+# Delivery errors that no retry can cure: the record itself is refused.
+_REFUSED_FOR_GOOD = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.POLICY_VIOLATION,
+    KafkaError.TOPIC_EXCEPTION,
+    KafkaError._INVALID_ARG,
+})
+
+
+def _can_never_land(error: KafkaError) -> bool:
+    return error.code() in _REFUSED_FOR_GOOD
