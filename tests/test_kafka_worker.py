@@ -14,6 +14,8 @@ import onnxruntime as ort
 import pytest
 import redis
 
+from confluent_kafka import Producer
+
 from tests.kafka_harness import (
     Collector,
     decided_ids,
@@ -318,3 +320,139 @@ def _wait_redis(port: int) -> None:
         except redis.exceptions.ConnectionError:
             time.sleep(0.1)
     raise AssertionError(f"redis on {port} did not start")
+
+
+# --- poison pills -------------------------------------------------------------------------
+
+_VALID_TIME = 1_700_000_000_000_000
+POISON: dict[str, bytes | None] = {
+    # 5,000 levels inside a field: the JSON decoder's recursion limit.
+    "nested-json": b'{"transaction_id":"p1","meta":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}",
+    "invalid-utf8": b'{"transaction_id":"p\xff2","customer_id":1,"terminal_id":2,"amount":1.0,"event_time_us":%d}'
+    % _VALID_TIME,
+    # Once accepted, it overflowed feature assembly (JSON) or the protobuf decision encoder.
+    "event-time-1e20": b'{"transaction_id":"p3","customer_id":1,"terminal_id":2,"amount":1.0,'
+    b'"event_time_us":100000000000000000000}',
+    "protobuf-only-id": fraud_pb2.Transaction(transaction_id="p4").SerializeToString(),
+    "repeated-amount": b'{"transaction_id":"p5","customer_id":1,"terminal_id":2,"amount":1.0,"amount":9999,'
+    b'"event_time_us":%d}' % _VALID_TIME,
+    "tombstone": None,
+}
+POISON_KINDS = {
+    "nested-json": "too-deep",
+    "invalid-utf8": "invalid-utf8",
+    "event-time-1e20": "schema",
+    "protobuf-only-id": "schema",
+    "repeated-amount": "schema",
+    "tombstone": "tombstone",
+}
+
+
+def _produce_with_poison(kafka: KafkaSettings, good: list[Transaction]) -> None:
+    payloads: list[tuple[str, bytes | None]] = []
+    names = list(POISON)
+    for i, txn in enumerate(good):
+        payloads.append((txn.transaction_id, codec.encode_transaction_json(txn)))
+        if i < len(names):
+            payloads.append((f"poison-{names[i]}", POISON[names[i]]))
+    produce(kafka, payloads)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("decision_format", ["json", "protobuf"])
+def test_poison_pills_go_to_the_dlq_and_a_restarted_worker_does_not_meet_them_again(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path, decision_format: str
+) -> None:
+    good = _live(30, seed=11)
+    _produce_with_poison(kafka_topics, good)
+    # A header key that is not UTF-8: the worker must still read the event (sniffing its format).
+    odd_header = _live(1, seed=12)[0]
+    producer = Producer({"bootstrap.servers": kafka_topics.bootstrap_servers})
+    producer.produce(kafka_topics.transactions_topic, key=odd_header.transaction_id,
+                     value=codec.encode_transaction_json(odd_header), headers=[(b"\xff\xfe", b"\x00")])
+    assert producer.flush(10) == 0
+    env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_KAFKA__DECISION_FORMAT=decision_format)
+    decisions = Collector(kafka_topics, kafka_topics.decisions_topic)
+    dlq = Collector(kafka_topics, kafka_topics.dlq_topic)
+    first = start_worker(env, tmp_path / "first.log")
+    try:
+        wanted = {t.transaction_id for t in good} | {odd_header.transaction_id}
+        decisions.read_until(lambda m: wanted <= decided_ids(m), timeout_s=60)
+        dlq.read_until(lambda m: len(m) >= len(POISON), timeout_s=30)
+    finally:
+        stop_started = time.monotonic()
+        assert first.stop() == 0, first.log()[-3000:]
+        stop_s = time.monotonic() - stop_started
+    assert "Traceback" not in first.log(), first.log()[-3000:]
+    assert stop_s < 20, f"SIGTERM took {stop_s:.0f} s: something was stuck"
+    assert decided_ids(decisions.messages) == wanted, "every neighbour of a poison pill is decided"
+    by_key = {m.key().decode(): m for m in dlq.messages}
+    assert {k: dict(m.headers())["dlq-error-kind"].decode() for k, m in by_key.items()} == {
+        f"poison-{name}": kind for name, kind in POISON_KINDS.items()
+    }
+    assert by_key["poison-tombstone"].value() is None, "a tombstone stays a tombstone in the DLQ"
+    assert by_key["poison-invalid-utf8"].value() == POISON["invalid-utf8"], "original bytes are kept"
+
+    later = _live(5, seed=13)
+    produce_transactions(kafka_topics, later)
+    second = start_worker(env, tmp_path / "second.log")
+    try:
+        wanted |= {t.transaction_id for t in later}
+        decisions.read_until(lambda m: wanted <= decided_ids(m), timeout_s=60)
+        time.sleep(2.0)  # room for anything the restarted worker might wrongly re-read
+        dlq.read_until(lambda m: False, timeout_s=1)
+        decisions.read_until(lambda m: False, timeout_s=1)
+    finally:
+        assert second.stop() == 0, second.log()[-3000:]
+        decisions.close(), dlq.close()
+    assert "to DLQ" not in second.log(), "the restarted worker met a poison pill again"
+    assert len(dlq.messages) == len(POISON)
+    assert len(decisions.messages) == len(wanted), "nothing decided twice, nothing lost across the restart"
+
+
+class _UnencodableDecisions:
+    """The engine as the worker sees it, answering at once with the rules; decisions for
+    customer 666 carry a transaction id no wire format can encode (a lone surrogate). No
+    validated event can produce such a decision any more: this proves the worker's guard."""
+
+    def submit(self, txns, deadline_ns, priority, on_done) -> bool:
+        from workers.engine.decide import fallback
+        from workers.records import DegradedCause
+
+        decisions = fallback(txns, DegradedCause.MODEL_UNAVAILABLE, "test engine").decisions
+        for txn, decision in zip(txns, decisions):
+            if txn.customer_id == 666:
+                decision.transaction_id += "\ud800"
+        on_done(decisions, None)
+        return True
+
+
+@pytest.mark.parametrize("decision_format", ["json", "protobuf"])
+def test_a_decision_that_cannot_be_encoded_sends_its_event_to_the_dlq_and_its_neighbours_are_decided(
+    kafka_topics: KafkaSettings, decision_format: str
+) -> None:
+    import threading
+
+    from workers.kafka.worker import KafkaWorker
+
+    txns = _live(12, seed=14)
+    txns[5] = Transaction(txns[5].transaction_id, 666, txns[5].terminal_id, txns[5].amount, txns[5].event_time_us)
+    produce_transactions(kafka_topics, txns)
+    kafka = kafka_topics.model_copy(update={"decision_format": decision_format})
+    worker = KafkaWorker(kafka, _UnencodableDecisions(), max_chunk_rows=64, budget_ms=1000)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    decisions = Collector(kafka_topics, kafka_topics.decisions_topic)
+    dlq = Collector(kafka_topics, kafka_topics.dlq_topic)
+    try:
+        decisions.read_until(lambda m: len(m) >= 11, timeout_s=60)
+        dlq.read_until(lambda m: len(m) >= 1, timeout_s=30)
+    finally:
+        worker.stop()
+        thread.join(30)
+        decisions.close(), dlq.close()
+    assert not thread.is_alive()
+    assert decided_ids(decisions.messages) == {t.transaction_id for i, t in enumerate(txns) if i != 5}
+    (dead,) = dlq.messages
+    assert dead.key().decode() == txns[5].transaction_id
+    assert dict(dead.headers())["dlq-error-kind"] == b"undeliverable-decision"
+    assert b"UnicodeEncodeError" in dict(dead.headers())["dlq-reason"]
