@@ -28,6 +28,12 @@ def _simulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="default: <feast repo>/data")
 
 
+def _simulator_args_defaults() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    _simulator_args(parser)
+    return parser.parse_args([])
+
+
 def _simulate_and_write(args: argparse.Namespace, timings: dict[str, float]):
     from workers.features import offline
     from workers.simulator import SimulatorConfig, simulate_transactions, write_parquet
@@ -87,11 +93,21 @@ def _features_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="materialize every snapshot day, not just the latest")
 
 
-@command("features", "register the Feast repo and/or materialize the snapshots into the online store", _features_args)
+@command("features", "register the Feast repo and/or materialize the snapshots into the online store "
+         "(all: simulates the history first when no snapshots exist)", _features_args)
 def _features(args: argparse.Namespace) -> int:
     from workers.features import store as feast_store
+    from workers.features.offline import snapshot_paths
 
     settings = load_settings()
+    missing = [p for p in snapshot_paths(feast_store.data_dir(settings)).values() if not p.exists()]
+    if missing and args.action != "all":
+        print(f"no feature snapshots at {', '.join(map(str, missing))}: run `fraudscore simulate` first "
+              "(or `fraudscore features all`, which does)")
+        return 2
+    if missing:
+        print("no feature snapshots yet: simulating the transaction history they come from ...", flush=True)
+        _simulate_and_write(_simulator_args_defaults(), {})
     store = feast_store.feature_store(settings)
     if args.action in ("apply", "all"):
         feast_store.apply(store, settings)

@@ -24,7 +24,7 @@ _REPORT_EVERY_S = 2.0
 
 
 def run_demo(settings: Settings, rate: float, seconds: float | None) -> int:
-    _load_features(settings)
+    _load_features()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -50,16 +50,9 @@ def run_demo(settings: Settings, rate: float, seconds: float | None) -> int:
     return worker.returncode or 0
 
 
-def _load_features(settings: Settings) -> None:
-    """Simulates the dataset on first use, then applies the Feast repo and materializes it."""
-    from workers.features.offline import snapshot_paths
-
-    fraudscore = [sys.executable, "-m", "workers"]
-    snapshots = snapshot_paths(settings.feast.repo_path / "data")
-    if not all(path.exists() for path in snapshots.values()):
-        print("simulating the transaction history the online features come from ...", flush=True)
-        subprocess.run([*fraudscore, "simulate"], check=True)
-    subprocess.run([*fraudscore, "features", "all"], check=True)
+def _load_features() -> None:
+    """Applies the Feast repo and materializes it (simulating the history on first use)."""
+    subprocess.run([sys.executable, "-m", "workers", "features", "all"], check=True)
 
 
 def _tail_decisions(settings: Settings, stop: threading.Event, deadline: float | None) -> None:
