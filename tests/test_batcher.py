@@ -175,3 +175,47 @@ def test_blocked_executor_wakes_on_close() -> None:
     batcher.close(drain=True)
     waiter.join(timeout=5)
     assert not waiter.is_alive() and result == [None]
+
+
+def test_a_batch_never_mixes_sync_and_stream_rows() -> None:
+    batcher = Batcher(max_batch_rows=100, max_queue_delay_s=0.0, capacity_rows=1000)
+    batcher.submit(request(rows=50, priority=Priority.STREAM, tag="k"))
+    batcher.submit(request(rows=1, priority=Priority.SYNC, tag="g"))
+    first, second = batcher.next_batch(), batcher.next_batch()
+    assert [r.priority for r in first] == [Priority.SYNC]
+    assert [r.priority for r in second] == [Priority.STREAM]
+
+
+def _take_in_thread(batcher: Batcher) -> tuple[threading.Thread, list]:
+    taken: list = []
+    thread = threading.Thread(target=lambda: taken.append(batcher.next_batch()), daemon=True)
+    thread.start()
+    return thread, taken
+
+
+def test_while_callers_are_active_stream_batches_leave_an_executor_free_for_them() -> None:
+    batcher = Batcher(max_batch_rows=10, max_queue_delay_s=0.0, capacity_rows=1000, stream_slots=1)
+    batcher.submit(request(priority=Priority.SYNC, tag="g1"))
+    assert batcher.next_batch()[0].priority == Priority.SYNC  # a caller was here just now
+    for i in range(3):
+        batcher.submit(request(rows=10, priority=Priority.STREAM, tag=f"k{i}"))
+    running = batcher.next_batch()  # the one stream slot
+    thread, taken = _take_in_thread(batcher)  # a second executor: must stay free for callers
+    thread.join(0.2)
+    assert thread.is_alive() and not taken, "a second stream batch took the executor kept for callers"
+    batcher.submit(request(priority=Priority.SYNC, tag="g2"))
+    thread.join(2)
+    assert [r.txns[0].transaction_id[:2] for r in taken[0]] == ["g2"]
+    thread, taken = _take_in_thread(batcher)
+    thread.join(0.2)
+    assert thread.is_alive(), "still one stream batch running: the next one waits"
+    batcher.record_service(0.001, running)  # the running stream batch ends: its slot is free
+    thread.join(2)
+    assert taken and taken[0][0].priority == Priority.STREAM
+
+
+def test_without_callers_stream_batches_use_every_executor() -> None:
+    batcher = Batcher(max_batch_rows=10, max_queue_delay_s=0.0, capacity_rows=1000, stream_slots=1)
+    for i in range(2):
+        batcher.submit(request(rows=10, priority=Priority.STREAM, tag=f"k{i}"))
+    assert batcher.next_batch() and batcher.next_batch(), "no caller seen: no executor held back"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from confluent_kafka import Producer
 
 from tests.kafka_harness import (
     Collector,
+    WorkerProcess,
     decided_ids,
     decisions_of,
     produce,
@@ -29,7 +31,7 @@ from workers import codec
 from workers.features import definitions as d
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.records import Transaction
-from workers.settings import KafkaSettings, Settings, load_settings
+from workers.settings import REPO_ROOT, KafkaSettings, Settings, load_settings
 from workers.simulator import LiveStream, SimulatorConfig
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -456,3 +458,68 @@ def test_a_decision_that_cannot_be_encoded_sends_its_event_to_the_dlq_and_its_ne
     assert dead.key().decode() == txns[5].transaction_id
     assert dict(dead.headers())["dlq-error-kind"] == b"undeliverable-decision"
     assert b"UnicodeEncodeError" in dict(dead.headers())["dlq-reason"]
+
+
+# --- one host, both sources ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_with_grpc_answers_callers_and_kafka_from_one_engine(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
+) -> None:
+    import grpc
+
+    from workers.proto.fraud.v1 import fraud_pb2_grpc
+
+    port = _free_port()
+    env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_GRPC__PORT=str(port), FRAUDSCORE_GRPC__REST_PORT="0")
+    env_args = ["serve", "--grpc"]
+    log_path = tmp_path / "combined.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "workers", *env_args], env=env, cwd=REPO_ROOT,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    worker = WorkerProcess(process, log_path)
+    collector = Collector(kafka_topics, kafka_topics.decisions_topic)
+    try:
+        worker.wait_for_log("gRPC on", timeout_s=60)
+        txns = _live(50, seed=15)
+        produce_transactions(kafka_topics, txns)
+        caller = _live(1, seed=16)[0]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = fraud_pb2_grpc.FraudScoringStub(channel).Score(
+                fraud_pb2.ScoreRequest(request_id="r1", transaction=codec.transaction_to_proto(caller), budget_us=50_000),
+                timeout=10,
+            )
+        collector.read_until(lambda m: len(m) >= len(txns), timeout_s=60)
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+        collector.close()
+    assert answer.decision.transaction_id == caller.transaction_id and not answer.decision.degraded
+    assert decided_ids(collector.messages) == {t.transaction_id for t in txns}
+
+
+def test_cpu_priority_idle_puts_the_worker_in_sched_idle(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
+) -> None:
+    import os
+
+    env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_KAFKA__CPU_PRIORITY="idle")
+    worker = start_worker(env, tmp_path / "idle.log")
+    collector = Collector(kafka_topics, kafka_topics.decisions_topic)
+    try:
+        txns = _live(20, seed=17)
+        produce_transactions(kafka_topics, txns)
+        collector.read_until(lambda m: len(m) >= len(txns), timeout_s=60)
+        policies = {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{worker.process.pid}/task")}
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+        collector.close()
+    assert policies == {os.SCHED_IDLE}, "every thread of the worker, librdkafka's and the engine's included"
+    assert decided_ids(collector.messages) == {t.transaction_id for t in txns}

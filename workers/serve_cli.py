@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -16,27 +17,50 @@ from workers.settings import load_settings
 log = logging.getLogger("fraudscore")
 
 
-@command("serve", "run the Kafka worker: transactions -> decisions (metrics on the metrics port)")
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grpc", action="store_true",
+                   help="also serve gRPC (+ REST) from this process, on the same engine: callers come first")
+
+
+@command("serve", "run the Kafka worker: transactions -> decisions (metrics on the metrics port)", _serve_args)
 def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    # First, before any thread exists: threads inherit the policy.
+    set_cpu_priority(settings.kafka.cpu_priority if not args.grpc else "normal")
     from workers.app import build_engine
     from workers.kafka.worker import KafkaWorker
     from workers.metrics import start_metrics_server
 
-    settings = load_settings()
     start_metrics_server(settings)
     engine = build_engine(settings)
     worker = KafkaWorker(
         settings.kafka, engine, max_chunk_rows=settings.engine.max_batch_size,
         budget_ms=settings.kafka.decision_budget_ms,
     )
+    service = None
+    if args.grpc:
+        from workers.rpc.server import ServiceThread
+
+        service = ServiceThread(settings, engine)
+        service.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     log.info("metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.port)
     try:
         worker.run()
     finally:
+        if service is not None:
+            service.stop()
         engine.stop(drain=True)
     return 0
+
+
+def set_cpu_priority(policy: str) -> None:
+    """``kafka.cpu_priority`` for this process (Linux scheduling policy; see KafkaSettings)."""
+    policies = {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+    os.sched_setscheduler(0, policies[policy], os.sched_param(0))
+    if policy != "normal":
+        log.info("CPU scheduling policy: %s (callers in other processes on this host come first)", policy)
 
 
 def _produce_args(p: argparse.ArgumentParser) -> None:

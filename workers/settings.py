@@ -47,6 +47,10 @@ class KafkaSettings(BaseModel):
     # and aborts the transaction its crashed predecessor left open. Default: host-pid.
     instance_id: str = ""
     decision_format: Literal["json", "protobuf"] = "json"
+    # The worker's CPU scheduling policy, set once at start for all its threads. "idle"
+    # (SCHED_IDLE) runs it only on CPU time nothing else wants, so gRPC processes on the same
+    # host always come first; "batch" (SCHED_BATCH) only gives up wake-up preemption.
+    cpu_priority: Literal["normal", "batch", "idle"] = "normal"
     # librdkafka properties passed through unchanged; they override ours.
     consumer: dict[str, Any] = Field(default_factory=dict)
     producer: dict[str, Any] = Field(default_factory=dict)
@@ -90,6 +94,10 @@ class EngineSettings(BaseModel):
     # (8k rows is ~0.25 s at 30k events/s). A full queue pauses fetching.
     queue_capacity_rows: int = 8_192
     default_budget_ms: float = 10.0
+    # Executors kept free for synchronous (gRPC) callers while they are active: stream
+    # (Kafka) batches hold at most the others, so a caller never finds every executor deep
+    # in a 1,000-row batch. Applies when there are more executors than this; 0 disables.
+    sync_reserved_executors: int = 1
     # In order of preference; the first whose execution provider is present is used, and
     # batches it would not finish before their deadline overflow to the CPU pool.
     gpu_pools: list[PoolSettings] = Field(
@@ -125,8 +133,11 @@ class GrpcSettings(BaseModel):
 
 
 class MetricsSettings(BaseModel):
-    host: str = "0.0.0.0"
-    port: int = 9108
+    # Bound like the gRPC/REST listeners: loopback by default; 0.0.0.0 to be scraped from afar.
+    host: str = "127.0.0.1"
+    port: int = 9108  # fraudscore serve (the Kafka worker, and gRPC too with --grpc)
+    # fraudscore grpc: process i of grpc.processes serves on grpc_port + i.
+    grpc_port: int = 9110
 
 
 class Settings(BaseSettings):

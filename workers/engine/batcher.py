@@ -12,6 +12,10 @@ with a deadline and a priority. Executors call ``next_batch`` whenever they are 
   waits for company, but never past the oldest request's enqueue time + max queue delay,
   nor past the head request's deadline minus the expected service time.
 - Bound: ``capacity_rows``; ``submit`` returns False at once when full (back-pressure).
+- Sync lane: a batch never mixes priorities (a caller's row must not wait for 1,000 stream
+  rows to be enriched with it), and while synchronous requests keep arriving, stream
+  batches may occupy at most ``stream_slots`` executors, so one is always free for the next
+  caller instead of every executor being deep in a large Kafka batch when it arrives.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from workers.records import Transaction
 # the target falls back to 1 within a fraction of a second once the load goes away.
 RATE_TIME_CONSTANT_S = 0.1
 SERVICE_EWMA_ALPHA = 0.2
+# How long after the last synchronous request the sync lane stays reserved.
+SYNC_RECENT_S = 1.0
 
 
 class Priority(enum.IntEnum):
@@ -71,9 +77,12 @@ class Batcher:
         max_queue_delay_s: float,
         capacity_rows: int,
         clock: Callable[[], int] = time.monotonic_ns,
+        stream_slots: int | None = None,
     ) -> None:
         if max_batch_rows < 1 or capacity_rows < 1:
             raise ValueError("max_batch_rows and capacity_rows must be >= 1")
+        if stream_slots is not None and stream_slots < 1:
+            raise ValueError("stream_slots must be >= 1 (or None: no sync lane)")
         self.max_batch_rows = max_batch_rows
         self.max_queue_delay_ns = int(max_queue_delay_s * 1e9)
         self.capacity_rows = capacity_rows
@@ -83,6 +92,10 @@ class Batcher:
         self._seq = itertools.count()
         self._queued_rows = 0
         self._closed = False
+        # Sync lane: None means stream batches may take every executor.
+        self.stream_slots = stream_slots
+        self._stream_batches_running = 0
+        self._last_sync_ns: int | None = None
         # Adaptive target state.
         self._arrived_rows = 0
         self._rate_mark_ns = clock()
@@ -110,6 +123,8 @@ class Batcher:
                     accepted.append(False)
                     continue
                 heapq.heappush(self._heap, (request.priority, request.deadline_ns, next(self._seq), request))
+                if request.priority == Priority.SYNC:
+                    self._last_sync_ns = self._clock()
                 self._queued_rows += rows
                 self._arrived_rows += rows
                 accepted.append(True)
@@ -131,15 +146,26 @@ class Batcher:
                     self._cond.wait()
                     continue
                 now = self._clock()
+                lane_wait_s = self._sync_lane_wait_s(now)
+                if lane_wait_s > 0 and not self._closed:
+                    self._cond.wait(lane_wait_s)  # woken by a sync arrival or a stream batch ending
+                    continue
                 self._update_target(now)
                 wait_s = self._company_wait_s(now)
                 if wait_s <= 0 or self._closed:
-                    return self._take_batch()
+                    batch = self._take_batch()
+                    if batch[0].priority == Priority.STREAM:
+                        self._stream_batches_running += 1
+                    return batch
                 self._cond.wait(wait_s)
 
-    def record_service(self, seconds: float) -> None:
-        """Executors report how long a batch took end to end (enrich + score + decide)."""
+    def record_service(self, seconds: float, batch: Sequence[Request] = ()) -> None:
+        """Executors report each finished batch and how long it took end to end (enrich +
+        score + decide)."""
         with self._cond:
+            if batch and batch[0].priority == Priority.STREAM:
+                self._stream_batches_running -= 1
+                self._cond.notify()
             if self._service_s == 0.0:
                 self._service_s = seconds
             else:
@@ -166,6 +192,15 @@ class Batcher:
         return self._target
 
     # --- internals (called with the lock held) ---------------------------------------
+    def _sync_lane_wait_s(self, now: int) -> float:
+        """> 0: the head is a stream request, every stream slot is busy and callers are about:
+        leave this executor free for them (at most until the sync traffic counts as gone)."""
+        if self.stream_slots is None or self._last_sync_ns is None or self._heap[0][0] != Priority.STREAM:
+            return 0.0
+        if self._stream_batches_running < self.stream_slots:
+            return 0.0
+        return (self._last_sync_ns + int(SYNC_RECENT_S * 1e9) - now) / 1e9
+
     def _company_wait_s(self, now: int) -> float:
         """Seconds worth waiting for more rows; <= 0 means dispatch now."""
         if self._queued_rows >= self._target or self._queued_rows >= self.max_batch_rows:
@@ -180,10 +215,11 @@ class Batcher:
         batch: list[Request] = []
         rows = 0
         heap = self._heap
+        priority = heap[0][0]
         while heap:
             request = heap[0][3]
             size = len(request.txns)
-            if batch and rows + size > self.max_batch_rows:
+            if batch and (rows + size > self.max_batch_rows or request.priority != priority):
                 break
             heapq.heappop(heap)
             batch.append(request)

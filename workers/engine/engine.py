@@ -81,12 +81,13 @@ class ScoringEngine:
         self.settings = settings
         self.models = models
         self.reader = reader
+        self.executors = executors or self._default_executors()
         self.batcher = Batcher(
             settings.max_batch_size,
             settings.max_queue_delay_ms / 1000.0,
             settings.queue_capacity_rows,
+            stream_slots=self._stream_slots(settings.sync_reserved_executors),
         )
-        self.executors = executors or self._default_executors()
         self._threads: list[threading.Thread] = []
 
     @classmethod
@@ -185,6 +186,12 @@ class ScoringEngine:
         gc.freeze()
 
     # --- executor ---------------------------------------------------------------------
+    def _stream_slots(self, reserved_for_sync: int) -> int | None:
+        """Executors stream batches may hold while callers are active (None: all of them)."""
+        if not reserved_for_sync or self.executors <= reserved_for_sync:
+            return None
+        return self.executors - reserved_for_sync
+
     def _default_executors(self) -> int:
         model = self.models.current
         sessions = sum(pool.size for pool in model.pools) if model is not None else 1
@@ -198,7 +205,7 @@ class ScoringEngine:
                 return
             started = time.perf_counter()
             self._process(batch)
-            self.batcher.record_service(time.perf_counter() - started)
+            self.batcher.record_service(time.perf_counter() - started, batch)
 
     def _process(self, batch: list[Request]) -> None:
         dequeued_ns = time.monotonic_ns()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import multiprocessing
 import signal
+import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -70,8 +71,9 @@ class RunningService:
     rest_server: object | None = None
     rest_task: asyncio.Task | None = None
 
-    async def stop(self, grace_s: float) -> None:
-        """NOT_SERVING, stop reading new requests, answer those in flight, then close."""
+    async def stop(self, grace_s: float, stop_engine: bool = True) -> None:
+        """NOT_SERVING, stop reading new requests, answer those in flight, then close.
+        ``stop_engine`` False leaves a shared engine to its other source."""
         await self.health.enter_graceful_shutdown()
         self.servicer.drain()
         if self.rest_server is not None:
@@ -79,8 +81,9 @@ class RunningService:
         await self.grpc_server.stop(grace_s)
         if self.rest_task is not None:
             await self.rest_task
-        # Nothing can reach the engine any more; stop it off the loop (it joins threads).
-        await asyncio.to_thread(self.engine.stop, True)
+        if stop_engine:
+            # Nothing can reach the engine any more; stop it off the loop (it joins threads).
+            await asyncio.to_thread(self.engine.stop, True)
 
 
 async def start_service(settings: Settings, engine: ScoringEngine) -> RunningService:
@@ -141,13 +144,54 @@ def _child_main(settings_json: str, index: int) -> None:
 
     settings = Settings.model_validate_json(settings_json)
     logging.basicConfig(level=settings.log_level, format=f"%(asctime)s %(levelname)s [grpc-{index}] %(name)s: %(message)s")
-    # Each process has its own registry: metrics port + index (prometheus multiprocess mode
-    # would need a shared directory and loses histograms' per-process view).
-    settings.metrics.port += index
+    # Each process has its own registry on grpc_port + index (prometheus multiprocess mode
+    # would need a shared directory and loses histograms' per-process view); the Kafka
+    # worker keeps metrics.port, so both run side by side with one settings object.
+    settings.metrics.port = settings.metrics.grpc_port + index
     start_metrics_server(settings)
     # Built on the main thread: the model holder installs its SIGHUP (reload) handler there.
     engine = build_engine(settings, executors=GRPC_EXECUTORS)
     run_loop(serve_until_signalled(settings, engine), settings.grpc.event_loop)
+
+
+class ServiceThread:
+    """The gRPC service on its own event loop in a background thread, serving an engine that
+    another source (the Kafka worker, on the main thread) shares: ``fraudscore serve --grpc``."""
+
+    def __init__(self, settings: Settings, engine: ScoringEngine) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="grpc-service", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self._thread.start()
+        if not self._started.wait(timeout_s) or self._error is not None:
+            raise RuntimeError(f"the gRPC service did not start: {self._error!r}")
+
+    def stop(self) -> None:
+        """Answers what is in flight (up to grpc.grace_period_s) and returns; the engine stays up."""
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(self._settings.grpc.grace_period_s + 5)
+
+    def _run(self) -> None:
+        try:
+            run_loop(self._serve(), self._settings.grpc.event_loop)
+        except BaseException as exc:  # reported to start(); the main thread decides
+            self._error = exc
+            self._started.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        service = await start_service(self._settings, self._engine)
+        self._started.set()
+        await self._stop.wait()
+        await service.stop(self._settings.grpc.grace_period_s, stop_engine=False)
 
 
 def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
