@@ -113,7 +113,7 @@ def seed_features(settings) -> None:
     from feast.protos.feast.types.Value_pb2 import Value
 
     from workers.features import definitions as d
-    from workers.features.store import repo_config, repo_objects
+    from workers.features.store import mark_loaded, repo_config, repo_objects
 
     config = repo_config(settings)
     objects = repo_objects(ROOT / ".stack" / "bench-unused")
@@ -135,6 +135,7 @@ def seed_features(settings) -> None:
             for i in range(count)
         ]
         store.online_write_batch(config, view, rows, progress=None)
+    mark_loaded(settings, "grpc_bench")  # without the watermark the service would answer FEATURES_LOST
 
 
 # --- orchestration ------------------------------------------------------------------------

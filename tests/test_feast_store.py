@@ -43,6 +43,11 @@ def redis_store(transactions: pd.DataFrame, redis_url: str, tmp_path_factory: py
     store = _applied_store(transactions, settings)
     yield settings, store
     store.teardown()  # removes this project's keys from Redis
+    import redis
+
+    from workers.features import watermark
+
+    watermark.clear(redis.Redis.from_url(redis_url), settings.feast.project)  # not a Feast key
 
 
 def _latest_offline(transactions: pd.DataFrame, customers: np.ndarray, terminals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +104,10 @@ def test_lean_reader_equals_feast_bit_for_bit(transactions: pd.DataFrame, redis_
 
 
 def test_lean_reader_reconnects_after_its_connection_is_killed(transactions: pd.DataFrame, redis_store) -> None:
+    """A connection the server closed (restart, failover, kill) costs no failed read: one fresh try."""
     import redis
 
-    from workers.features.online import FeaturesUnavailable, LeanRedisReader
+    from workers.features.online import LeanRedisReader
 
     settings, _ = redis_store
     customers, terminals = _known_ids(transactions, 3)
@@ -110,23 +116,46 @@ def test_lean_reader_reconnects_after_its_connection_is_killed(transactions: pd.
     admin = redis.Redis.from_url(settings.redis.url)
     killed = admin.client_kill_filter(_type="normal", skipme=True)
     assert killed >= 1  # the reader's own connection was among them
-    try:
-        reader.read(customers, terminals)  # may fail once: its socket is gone
-    except FeaturesUnavailable:
-        pass
-    after = reader.read(customers, terminals)  # a fresh connection, the same values
+    after = reader.read(customers, terminals)  # its socket is gone: a fresh connection, the same values
     assert after.customer.tobytes() == before.customer.tobytes()
     assert after.terminal.tobytes() == before.terminal.tobytes()
 
 
 @pytest.mark.redis
-def test_lean_reader_of_another_project_finds_nothing(transactions: pd.DataFrame, redis_store) -> None:
-    from workers.features.online import LeanRedisReader
+def test_readers_of_a_project_never_loaded_report_features_lost(transactions: pd.DataFrame, redis_store) -> None:
+    """No watermark, no trust in "not found": the store answers, but holds nothing of this project."""
+    from workers.features.online import FeaturesLost, LeanRedisReader
 
     settings, _ = redis_store
     customers, terminals = _known_ids(transactions, 5)
-    result = LeanRedisReader(settings, project="no_such_project").read(customers, terminals)
-    assert not result.customer_found.any() and not result.terminal_found.any()
+    with pytest.raises(FeaturesLost):
+        LeanRedisReader(settings, project="no_such_project").read(customers, terminals)
+
+
+@pytest.mark.redis
+def test_both_readers_report_features_lost_once_the_watermark_is_gone(transactions: pd.DataFrame, redis_store) -> None:
+    import redis
+
+    from workers.features import watermark
+    from workers.features.online import FeastSdkReader, FeaturesLost, LeanRedisReader
+
+    settings, store = redis_store
+    customers, terminals = _known_ids(transactions, 5)
+    readers = [FeastSdkReader(settings, store=store), LeanRedisReader(settings)]
+    client = redis.Redis.from_url(settings.redis.url)
+    loaded = watermark.read(client, settings.feast.project)
+    assert loaded is not None and loaded["source"] == "materialize"
+    watermark.clear(client, settings.feast.project)  # what a flush does to it, features aside
+    try:
+        for reader in readers:
+            with pytest.raises(FeaturesLost):
+                reader.read(customers, terminals)
+            with pytest.raises(FeaturesLost):
+                reader.check()
+    finally:
+        watermark.write(client, settings.feast.project, "test")
+    for reader in readers:
+        assert reader.read(customers, terminals).customer_found.all()
 
 
 def test_unreachable_redis_raises_features_unavailable(tmp_path: Path) -> None:

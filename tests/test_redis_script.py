@@ -7,8 +7,8 @@ import pytest
 import redis
 
 from workers.features import definitions as d
-from workers.features import redis_script
-from workers.features.online import LeanRedisReader
+from workers.features import redis_script, watermark
+from workers.features.online import FeaturesLost, LeanRedisReader
 from workers.settings import load_settings
 
 pytestmark = pytest.mark.redis
@@ -23,7 +23,9 @@ def _value(**kind) -> bytes:
 @pytest.fixture
 def reader(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> LeanRedisReader:
     settings = load_settings(redis={"url": redis_url.rsplit("/", 1)[0] + "/4"}, feast={"project": "scripttest"})
-    redis.Redis.from_url(settings.redis.url).flushdb()
+    client = redis.Redis.from_url(settings.redis.url)
+    client.flushdb()
+    watermark.write(client, "scripttest", "test")  # the store counts as loaded: misses are real misses
     # Small chunks, so one read spans several script calls with the customer/terminal split inside one.
     monkeypatch.setattr(redis_script, "KEYS_PER_CALL", 3)
     return LeanRedisReader(settings)
@@ -70,3 +72,21 @@ def test_a_flushed_script_cache_is_reloaded_transparently(reader: LeanRedisReade
     features = reader.read(np.array([5]), np.array([1]))
     assert features.customer[0, 0] == 7.0 and features.customer_found.tolist() == [True]
     assert reader._client.script_exists(reader._script_sha) == [True]
+
+
+def test_script_and_pipeline_both_report_a_store_without_its_watermark_as_lost(reader: LeanRedisReader) -> None:
+    """Flushed, restarted empty, evicted: every hash missing looks like unknown entities
+    unless the watermark says otherwise, on both paths and for every chunk of a read."""
+    customers, terminals = [1, 2, 3, 4], [10, 11, 12]
+    keys = [reader._key(d.CUSTOMER_JOIN_KEY, c) for c in customers] + [reader._key(d.TERMINAL_JOIN_KEY, t) for t in terminals]
+    reader._fetch_by_script(keys, len(customers))  # loaded: no error, whatever is missing
+    watermark.clear(reader._client, "scripttest")
+    with pytest.raises(FeaturesLost):
+        reader._fetch_by_script(keys, len(customers))
+    with pytest.raises(FeaturesLost):
+        reader._fetch_by_pipeline(keys, len(customers))
+    with pytest.raises(FeaturesLost):
+        reader.check()
+    watermark.write(reader._client, "scripttest", "test")
+    reader.check()
+    assert reader.read(np.array([4]), np.array([10])).customer_found.tolist() == [False]

@@ -82,6 +82,30 @@ DEGRADED = Counter(
     ["cause"],
 )
 
+# --- online store ---------------------------------------------------------------------
+FEATURE_STORE_STATE = Gauge(
+    "fraudscore_feature_store_state",
+    "1 for the online store's state as the engine last found it: usable, unreachable, lost.",
+    ["state"],
+)
+FEATURE_READ_ERRORS = Counter(
+    "fraudscore_feature_read_errors_total",
+    "Online-store reads for traffic that failed, by kind: unreachable (no answer), "
+    "lost (it answered but has lost its features).",
+    ["kind"],
+)
+FEATURE_ROWS = Counter(
+    "fraudscore_feature_rows_total",
+    "Rows enriched from the online store, by entity kind (customer, terminal).",
+    ["entity"],
+)
+FEATURE_ROWS_MISSING = Counter(
+    "fraudscore_feature_rows_missing_total",
+    "Enriched rows whose entity the online store did not hold (defaults used), by entity kind. "
+    "New customers make some; a rising share means eviction or a partial load.",
+    ["entity"],
+)
+
 # --- models ---------------------------------------------------------------------------
 MODEL_INFO = Gauge(
     "fraudscore_model_info",

@@ -104,6 +104,9 @@ class EngineSettings(BaseModel):
         default_factory=lambda: [PoolSettings(device="tensorrt"), PoolSettings(device="cuda")]
     )
     cpu_pool: PoolSettings = Field(default_factory=PoolSettings)
+    # With no traffic for this long, the engine checks the online store itself, so its state
+    # (and gRPC health) recovers, or notices a loss, without waiting for a request.
+    store_probe_interval_s: float = 1.0
 
 
 class GrpcSettings(BaseModel):

@@ -7,6 +7,10 @@ the GIL, so one executor's inference overlaps another's enrichment or decide, an
 the CPU pool can be busy at once), decide, and call every request's ``on_done`` from that
 same executor thread. Callbacks must therefore be quick and thread-safe (hand off to an
 event loop with ``call_soon_threadsafe``, or ``Producer.produce``), and must not block.
+
+Every read reports to ``engine.store`` (``store_health.py``): a store that does not answer
+gives FEATURES_UNAVAILABLE decisions, one that answers but has lost its data (no
+watermark) gives FEATURES_LOST ones, without features, since its "not found" is not news.
 """
 
 from __future__ import annotations
@@ -25,13 +29,18 @@ from workers import metrics
 from workers.engine.batcher import Batcher, Priority, Request
 from workers.engine.decide import Decided, decide, fallback
 from workers.engine.models import ModelHolder, ModelRegistry, ServingModel, serving_model_builder
+from workers.engine.store_health import StoreHealth, StoreProbe, StoreState, probe_once, state_after
 from workers.features.definitions import CUSTOMER_FEATURES, TERMINAL_FEATURES, assemble
+from workers.logs import RateLimitedLog
 from workers.records import Decision, DegradedCause, Transaction
 from workers.settings import EngineSettings, Settings
 
 log = logging.getLogger(__name__)
 
 _DETAIL_MAX = 200
+# While the store is down every batch fails the same way: one warning per key this often.
+_WARNING_INTERVAL_S = 10.0
+_PROBE_IDS = np.zeros(1, dtype=np.int64)
 
 
 class EntityFeatures(Protocol):
@@ -40,7 +49,13 @@ class EntityFeatures(Protocol):
 
 
 class FeatureReader(Protocol):
-    """The online store as the engine sees it; any exception means "features unavailable"."""
+    """The online store as the engine sees it; ``FeaturesLost`` means "the store lost its
+    data", any other exception "features unavailable".
+
+    Optional, used where present: ``warm_up()``, run once on each engine thread before it
+    takes traffic; ``check()``, a probe that reads no features (else one row is read);
+    ``customer_found`` / ``terminal_found`` on the result, counted for the miss rate.
+    """
 
     def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures: ...
 
@@ -89,6 +104,10 @@ class ScoringEngine:
             stream_slots=self._stream_slots(settings.sync_reserved_executors),
         )
         self._threads: list[threading.Thread] = []
+        self.store = StoreHealth()
+        probe = getattr(reader, "check", None) or (lambda: reader.read(_PROBE_IDS, _PROBE_IDS))
+        self._probe = StoreProbe(self.store, probe, settings.store_probe_interval_s)
+        self._warnings = RateLimitedLog(log, _WARNING_INTERVAL_S)
 
     @classmethod
     def from_settings(
@@ -139,12 +158,22 @@ class ScoringEngine:
         budget = self.settings.default_budget_ms if budget_ms is None else budget_ms
         return time.monotonic_ns() + int(budget * 1e6)
 
-    def start(self) -> None:
+    def start(self, ready_timeout_s: float = 10.0) -> None:
+        """Starts the executors; returns once each has warmed its own reader up (connection,
+        script, one read: see ``_warm_reader``), or after ``ready_timeout_s``."""
         self.models.start_watching()
+        ready = []
         for index in range(self.executors):
-            thread = threading.Thread(target=self._executor_loop, name=f"engine-executor-{index}", daemon=True)
+            warmed = threading.Event()
+            name = f"engine-executor-{index}"
+            thread = threading.Thread(target=self._executor_loop, args=(warmed,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+            ready.append(warmed)
+        deadline = time.monotonic() + ready_timeout_s
+        for warmed in ready:
+            warmed.wait(max(0.0, deadline - time.monotonic()))
+        self._probe.start()
 
     def stop(self, drain: bool = True, timeout_s: float = 10.0) -> list[Request]:
         """Stops taking requests. With ``drain`` the queue is finished first; without, the
@@ -155,11 +184,13 @@ class ScoringEngine:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
+        self._probe.stop()
         self.models.stop()
         return abandoned
 
     def warm_up(self, batches: int = 3) -> None:
-        """Runs model + decide on synthetic rows so first real requests pay no lazy costs."""
+        """Runs model + decide on synthetic rows so first real requests pay no lazy costs
+        (the reads were warmed by ``start``, on the executor threads that make them)."""
         model = self.models.current
         rows = self.settings.max_batch_size
         txns = [Transaction(f"warm-up-{i}", i, i, 10.0 + i, 0) for i in range(rows)]
@@ -198,7 +229,9 @@ class ScoringEngine:
         # One more than the sessions, so a batch's enrichment (I/O) overlaps another's inference.
         return sessions + 1
 
-    def _executor_loop(self) -> None:
+    def _executor_loop(self, warmed: threading.Event) -> None:
+        self._warm_reader()
+        warmed.set()
         while True:
             batch = self.batcher.next_batch()
             if batch is None:
@@ -206,6 +239,14 @@ class ScoringEngine:
             started = time.perf_counter()
             self._process(batch)
             self.batcher.record_service(time.perf_counter() - started, batch)
+
+    def _warm_reader(self) -> None:
+        """This thread's share of the reader's set-up (the lean reader keeps a Redis connection
+        per thread), so the first request it takes does not pay for it. Its outcome is the
+        store's first state. Readers without ``warm_up`` (test fakes) need none."""
+        warm_up = getattr(self.reader, "warm_up", None)
+        if warm_up is not None:
+            probe_once(self.store, warm_up)
 
     def _process(self, batch: list[Request]) -> None:
         dequeued_ns = time.monotonic_ns()
@@ -227,11 +268,11 @@ class ScoringEngine:
     def _score_batch(self, txns: list[Transaction], deadline_ns: int, stages: _Stages) -> Decided:
         model: ServingModel | None = self.models.current  # this batch finishes on this model
         started = time.perf_counter()
-        features, failure = self._enrich(txns)
+        features, cause, failure = self._enrich(txns)
         enriched = time.perf_counter()
         stages.enrich_s = enriched - started
         if features is None:
-            return self._timed_fallback(txns, DegradedCause.FEATURES_UNAVAILABLE, failure, None, stages)
+            return self._timed_fallback(txns, cause, failure, None, stages)
         if model is None:
             return self._timed_fallback(txns, DegradedCause.MODEL_UNAVAILABLE, "no model loaded", features, stages)
         try:
@@ -247,22 +288,37 @@ class ScoringEngine:
         stages.decide_s = time.perf_counter() - decided_start
         return decided
 
-    def _enrich(self, txns: list[Transaction]) -> tuple[np.ndarray | None, str]:
-        """(features, "") or (None, why): one read for the whole batch, assembled vectorised."""
+    def _enrich(self, txns: list[Transaction]) -> tuple[np.ndarray | None, DegradedCause, str]:
+        """(features, NONE, "") or (None, cause, why): one read for the whole batch, assembled vectorised."""
         n = len(txns)
         customer_ids = np.fromiter([t.customer_id for t in txns], dtype=np.int64, count=n)
         terminal_ids = np.fromiter([t.terminal_id for t in txns], dtype=np.int64, count=n)
         try:
             entity = self.reader.read(customer_ids, terminal_ids)
+        except Exception as exc:  # the reader's own error types are not ours to know
+            return None, *self._read_failed(exc, n)
+        self.store.record(StoreState.USABLE)
+        _count_rows(entity, n)
+        try:
             amounts = np.fromiter([t.amount for t in txns], dtype=np.float64, count=n)
             event_times = np.fromiter([t.event_time_us for t in txns], dtype=np.int64, count=n)
             features = assemble(amounts, event_times, entity.customer, entity.terminal)
-        except Exception as exc:  # the reader's own error types are not ours to know
-            log.warning("features unavailable for %d rows: %r", n, exc)
-            return None, _detail("features unavailable", exc)
+        except Exception as exc:  # rows that do not fit: the reader's bug, not the store's state
+            self._warnings.warning("assemble", "features unusable for %d rows: %r", n, exc)
+            return None, DegradedCause.FEATURES_UNAVAILABLE, _detail("features unavailable", exc)
         if features.shape[0] != n:
-            return None, f"reader returned {features.shape[0]} rows for {n} transactions"
-        return features, ""
+            return None, DegradedCause.FEATURES_UNAVAILABLE, f"reader returned {features.shape[0]} rows for {n} transactions"
+        return features, DegradedCause.NONE, ""
+
+    def _read_failed(self, exc: Exception, rows: int) -> tuple[DegradedCause, str]:
+        """Records a failed read (state, metrics, a rate-limited warning); (cause, detail)."""
+        state = state_after(exc)
+        lost = state is StoreState.LOST
+        detail = _detail("features lost" if lost else "features unavailable", exc)
+        self.store.record(state, detail)
+        _READ_ERRORS[state].inc()
+        self._warnings.warning(state.value, "features %s for %d rows: %r", state.value, rows, exc)
+        return (DegradedCause.FEATURES_LOST if lost else DegradedCause.FEATURES_UNAVAILABLE), detail
 
     def _timed_fallback(
         self,
@@ -320,6 +376,24 @@ class ScoringEngine:
                 request.on_done(mine, timing)
             except Exception:
                 log.exception("on_done callback raised; the engine carries on")
+
+
+_READ_ERRORS = {state: metrics.FEATURE_READ_ERRORS.labels(state.value) for state in (StoreState.UNREACHABLE, StoreState.LOST)}
+_ROWS = {kind: (metrics.FEATURE_ROWS.labels(kind), metrics.FEATURE_ROWS_MISSING.labels(kind))
+         for kind in ("customer", "terminal")}
+
+
+def _count_rows(entity: EntityFeatures, n: int) -> None:
+    """Rows read and rows whose entity was not found, per entity kind: the miss rate ops
+    alert on for partial eviction. It does not degrade decisions: new customers are real,
+    and any threshold would be a guess; a wiped store is told by its watermark instead.
+    Readers that do not say what they found (test fakes) are not counted."""
+    for kind in ("customer", "terminal"):
+        found = getattr(entity, f"{kind}_found", None)
+        if found is not None:
+            read, missing = _ROWS[kind]
+            read.inc(n)
+            missing.inc(n - int(np.count_nonzero(found)))
 
 
 def _detail(prefix: str, exc: BaseException) -> str:

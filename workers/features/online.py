@@ -12,6 +12,11 @@ Two implementations of one small protocol:
 Neither applies the feature view TTL: Feast 0.67's online path (``get_online_features`` on
 Redis) does not check it either, and the two readers must agree bit for bit. Values a
 reader cannot find become ``ENTITY_DEFAULT``, with ``found`` False for that entity.
+
+"Not found" is only believable from a store that holds its data: on Redis both readers also
+check the project's watermark (``watermark.py``) and raise ``FeaturesLost`` without it. Both
+have two optional methods the engine uses: ``warm_up`` (per engine thread, before serving)
+and ``check`` (a probe that reads no features, for when there is no traffic).
 """
 
 from __future__ import annotations
@@ -23,12 +28,17 @@ from typing import Protocol
 import numpy as np
 
 from workers.features import definitions as d
-from workers.features import redis_script
+from workers.features import redis_script, watermark
 from workers.settings import Settings
 
 
 class FeaturesUnavailable(RuntimeError):
     """The online store did not answer (connection refused, timeout, ...): fall back."""
+
+
+class FeaturesLost(FeaturesUnavailable):
+    """The online store answered but has lost its data (flushed, evicted, restarted empty):
+    its "not found" would turn every customer into a new one, so fall back without features."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,14 @@ class EntityFeatures:
 
 class OnlineReader(Protocol):
     def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures: ...
+
+
+def _lost(watermark_key: bytes) -> FeaturesLost:
+    return FeaturesLost(f"no watermark {watermark_key.decode()!r}: the online store lost its features")
+
+
+# Entity ids of the one-row reads that warm a thread up; whether they exist does not matter.
+_WARM_IDS = np.zeros(1, dtype=np.int64)
 
 
 def _block(values: np.ndarray, present: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +96,8 @@ class FeastSdkReader:
         from workers.features.store import feature_store
 
         self._store = store if store is not None else feature_store(settings, read_timeout_s=settings.redis.timeout_ms / 1000)
-        _disable_redis_retries(self._store)
+        self._redis = _redis_client(self._store)  # None on the embedded SQLite store: no watermark there
+        self._watermark_key = watermark.key(settings.feast.project)
         self._refs = [f"{d.CUSTOMER_VIEW}:{f}" for f in d.CUSTOMER_FEATURES] + [
             f"{d.TERMINAL_VIEW}:{f}" for f in d.TERMINAL_FEATURES
         ]
@@ -95,14 +114,34 @@ class FeastSdkReader:
             if _is_store_failure(exc):
                 raise FeaturesUnavailable(f"online store read failed: {exc!r}") from exc
             raise
+        self.check()  # after the read: a store wiped before it answered has no watermark now
         n = len(rows)
         customer, customer_found = _as_block(_row_major(columns, d.CUSTOMER_FEATURES, n), n, len(d.CUSTOMER_FEATURES))
         terminal, terminal_found = _as_block(_row_major(columns, d.TERMINAL_FEATURES, n), n, len(d.TERMINAL_FEATURES))
         return EntityFeatures(customer, terminal, customer_found, terminal_found)
 
+    def check(self) -> None:
+        """Raises unless the store answers and holds the watermark: one ``EXISTS`` (Redis only)."""
+        if self._redis is None:
+            return
+        try:
+            loaded = self._redis.exists(self._watermark_key)
+        except Exception as exc:
+            if _is_store_failure(exc):
+                raise FeaturesUnavailable(f"online store check failed: {exc!r}") from exc
+            raise
+        if not loaded:
+            raise _lost(self._watermark_key)
 
-def _disable_redis_retries(store) -> None:
-    """redis-py 7 retries a failed connection 3 times with backoff (seconds); a serving read
+    def warm_up(self) -> None:
+        """One real read (Feast builds its client and caches lazily). Raises like ``read``."""
+        self.read(_WARM_IDS, _WARM_IDS)
+
+
+def _redis_client(store):
+    """Feast's own Redis client, retries off; None when the online store is not Redis.
+
+    redis-py 7 retries a failed connection 3 times with backoff (seconds); a serving read
     has a budget of milliseconds and a fallback, so fail at once. Feast builds its client
     lazily and offers no setting for this, hence the reach into its online store."""
     from redis.backoff import NoBackoff
@@ -110,9 +149,11 @@ def _disable_redis_retries(store) -> None:
 
     config = store.config
     if getattr(config.online_store, "type", None) != "redis":
-        return
+        return None
     online_store = store._get_provider().online_store
-    online_store._get_client(config.online_store).set_retry(Retry(NoBackoff(), 0))
+    client = online_store._get_client(config.online_store)
+    client.set_retry(Retry(NoBackoff(), 0))
+    return client
 
 
 def _row_major(columns: dict[str, list], names: tuple[str, ...], n: int) -> list:
@@ -145,6 +186,7 @@ class LeanRedisReader:
         from feast.protos.feast.types.Value_pb2 import Value
 
         self._project = project or settings.feast.project
+        self._watermark_key = watermark.key(self._project)
         self._redis_key = _redis_key
         self._entity_key = EntityKey
         self._value = Value
@@ -169,6 +211,7 @@ class LeanRedisReader:
         self._use_script = True
         self._response_error = redis.exceptions.ResponseError
         self._no_script_error = redis.exceptions.NoScriptError
+        self._connection_error = redis.exceptions.ConnectionError
 
     def _key(self, join_key: str, entity_id: int) -> bytes:
         cached = self._keys.get((join_key, entity_id))
@@ -193,8 +236,29 @@ class LeanRedisReader:
             customer[customer_rows], terminal[terminal_rows], customer_found[customer_rows], terminal_found[terminal_rows]
         )
 
+    def check(self) -> None:
+        """Raises unless the store answers and holds the watermark: one ``EXISTS``, no features."""
+        try:
+            loaded = self._command("EXISTS", self._watermark_key)
+        except self._redis_errors as exc:
+            raise FeaturesUnavailable(f"redis check failed: {exc!r}") from exc
+        if not loaded:
+            raise _lost(self._watermark_key)
+
+    def warm_up(self) -> None:
+        """Readies the calling thread: opens its connection, loads the script and reads one
+        row, so its first real read pays none of it. Raises like ``read``."""
+        try:
+            self._command("SCRIPT", "LOAD", redis_script.READ_FIXED_WIDTH)
+        except self._response_error:
+            pass  # scripting refused: the read below switches to the pipeline
+        except self._redis_errors as exc:
+            raise FeaturesUnavailable(f"redis read failed: {exc!r}") from exc
+        self.read(_WARM_IDS, _WARM_IDS)
+
     def _fetch(self, keys: list[bytes], n_customers: int) -> tuple[np.ndarray, np.ndarray]:
-        """Flat (values, present) for every field of every key, in order."""
+        """Flat (values, present) for every field of every key, in order; FeaturesLost
+        without the watermark."""
         try:
             if self._use_script:
                 try:
@@ -210,13 +274,15 @@ class LeanRedisReader:
 
     def _fetch_by_script(self, keys: list[bytes], n_customers: int) -> tuple[np.ndarray, np.ndarray]:
         customer_fields, terminal_fields = self._fields[d.CUSTOMER_JOIN_KEY], self._fields[d.TERMINAL_JOIN_KEY]
-        calls = redis_script.script_calls(keys, n_customers, customer_fields, terminal_fields)
+        calls = redis_script.script_calls(keys, n_customers, customer_fields, terminal_fields, self._watermark_key)
         try:
             replies = self._run_script(calls)
         except self._no_script_error:
             # Redis restarted or SCRIPT FLUSH: load it again, once.
             self._script_sha = self._client.script_load(redis_script.READ_FIXED_WIDTH)
             replies = self._run_script(calls)
+        if not redis_script.watermark_seen(replies):
+            raise _lost(self._watermark_key)
         reply = redis_script.merge_replies(replies, calls, n_customers, len(customer_fields), len(terminal_fields))
         values, present = reply.values, reply.present
         for position, raw in reply.odd.items():  # rare: a value that is not a Float32
@@ -238,13 +304,30 @@ class LeanRedisReader:
             return pipe.execute()
 
     def _command(self, *args):
-        """One command on this thread's own connection (opened on first use)."""
-        connection = getattr(self._local, "connection", None)
+        """One command on this thread's own connection (opened on first use).
+
+        A connection that has worked and then fails with a connection error was closed by
+        the server (a restart, a failover, a client kill): that says nothing about the
+        store now, so the command gets one try on a fresh connection. Only read commands
+        come here, so a repeat is harmless; a timeout is not repeated (it spent the budget).
+        """
+        local = self._local
+        connection = getattr(local, "connection", None)
         if connection is None:
-            connection = self._local.connection = self._client.connection_pool.make_connection()
+            connection = local.connection = self._client.connection_pool.make_connection()
+            local.proven = False
+        try:
+            return self._exchange(connection, args)
+        except self._connection_error:
+            if not local.proven:
+                raise
+            local.proven = False
+            return self._exchange(connection, args)
+
+    def _exchange(self, connection, args: tuple):
         try:
             connection.send_command(*args)
-            return connection.read_response()
+            reply = connection.read_response()
         except self._response_error:
             raise  # an error reply (NOSCRIPT, ...): the connection is in step and stays usable
         except BaseException:
@@ -252,12 +335,17 @@ class LeanRedisReader:
             # answer, so drop the connection; the next command connects afresh.
             connection.disconnect()
             raise
+        self._local.proven = True
+        return reply
 
     def _fetch_by_pipeline(self, keys: list[bytes], n_customers: int) -> tuple[np.ndarray, np.ndarray]:
         with self._client.pipeline(transaction=False) as pipe:
             for i, key in enumerate(keys):
                 pipe.hmget(key, self._fields[d.CUSTOMER_JOIN_KEY if i < n_customers else d.TERMINAL_JOIN_KEY])  # type: ignore[arg-type]
-            replies = pipe.execute()
+            pipe.exists(self._watermark_key)  # last: a store wiped before it answered fails it
+            *replies, loaded = pipe.execute()
+        if not loaded:
+            raise _lost(self._watermark_key)
         decoded = [None if v is None else self._value_of(v) for reply in replies for v in reply]
         present = np.fromiter((v is not None for v in decoded), dtype=bool, count=len(decoded))
         values = np.array([d.ENTITY_DEFAULT if v is None else v for v in decoded], dtype=np.float32)

@@ -12,6 +12,10 @@ are and writes five zero bytes for a missing or null value. A value of any other
 type this reader does not expect) is returned beside the blob with its position, so the
 caller can decode it the slow, exact way instead of guessing.
 
+Each call also answers whether the project's watermark exists (``watermark.py``), in the
+same atomic step as its values: an empty store and a store of unknown customers look alike
+otherwise, and asking separately would cost a second round trip per batch.
+
 Each script call touches up to ``KEYS_PER_CALL`` hashes, so one call blocks Redis for a
 couple of milliseconds at most; a batch needs a few calls, sent in one pipeline round trip.
 Redis Cluster refuses multi-key scripts across slots: callers fall back to the pipeline.
@@ -27,8 +31,9 @@ KEYS_PER_CALL = 512
 VALUE_WIDTH = 5
 FLOAT32_TAG = 0x35  # ValueProto field 6 (float_val), wire type 5 (fixed32)
 
-# KEYS: the hashes. ARGV[1]: how many of them take the first field list; ARGV[2], ARGV[3]:
-# the sizes of the first and second field lists; then the two field lists.
+# KEYS[1]: the watermark; KEYS[2..]: the hashes. ARGV[1]: how many hashes take the first
+# field list; ARGV[2], ARGV[3]: the sizes of the first and second field lists; then the two
+# field lists. Reply: {values blob, odd values, 1 if the watermark exists else 0}.
 READ_FIXED_WIDTH = """
 local n_first = tonumber(ARGV[1])
 local n_first_fields = tonumber(ARGV[2])
@@ -37,10 +42,11 @@ local first_fields = {unpack(ARGV, 4, 3 + n_first_fields)}
 local second_fields = {unpack(ARGV, 4 + n_first_fields, 3 + n_first_fields + n_second_fields)}
 local width = 5
 local blank = string.rep('\\0', width)
+local loaded = redis.call('EXISTS', KEYS[1])
 local parts, odd = {}, {}
-for i, key in ipairs(KEYS) do
-  local fields = (i <= n_first) and first_fields or second_fields
-  local values = redis.call('HMGET', key, unpack(fields))
+for i = 2, #KEYS do
+  local fields = (i - 1 <= n_first) and first_fields or second_fields
+  local values = redis.call('HMGET', KEYS[i], unpack(fields))
   for j = 1, #values do
     local v = values[j]
     if v and #v == width then
@@ -54,7 +60,7 @@ for i, key in ipairs(KEYS) do
     end
   end
 end
-return {table.concat(parts), odd}
+return {table.concat(parts), odd, loaded}
 """
 
 def script_sha() -> str:
@@ -90,25 +96,31 @@ class FixedWidthReply:
 
 
 def script_calls(keys: Sequence[bytes], n_first: int, first_fields: Sequence[bytes],
-                 second_fields: Sequence[bytes]) -> list[tuple[list[bytes], list]]:
-    """Splits one read into script calls of at most KEYS_PER_CALL keys: (keys, argv) each."""
+                 second_fields: Sequence[bytes], watermark_key: bytes) -> list[tuple[list[bytes], list]]:
+    """Splits one read into script calls of at most KEYS_PER_CALL hashes: (keys, argv) each,
+    every call's keys led by the watermark."""
     calls = []
     for start in range(0, len(keys), KEYS_PER_CALL):
         chunk = list(keys[start : start + KEYS_PER_CALL])
         first_here = max(0, min(n_first - start, len(chunk)))
         argv = [first_here, len(first_fields), len(second_fields), *first_fields, *second_fields]
-        calls.append((chunk, argv))
+        calls.append(([watermark_key, *chunk], argv))
     return calls
+
+
+def watermark_seen(replies: Sequence[list]) -> bool:
+    """Whether every call found the watermark (a store wiped between two calls did not)."""
+    return all(reply[2] == 1 for reply in replies)
 
 
 def merge_replies(replies: Sequence[list], calls: Sequence[tuple[list[bytes], list]],
                   n_first: int, n_first_fields: int, n_second_fields: int) -> FixedWidthReply:
     """Joins the per-call replies into one FixedWidthReply with global positions."""
     blobs, odd, offset = [], {}, 0
-    for (blob, odd_flat), (chunk, argv) in zip(replies, calls):
+    for (blob, odd_flat, _), (call_keys, argv) in zip(replies, calls):
         blobs.append(blob)
         for i in range(0, len(odd_flat), 2):
             odd[offset + int(odd_flat[i])] = odd_flat[i + 1]
-        first_here = argv[0]
-        offset += first_here * n_first_fields + (len(chunk) - first_here) * n_second_fields
+        first_here, n_hashes = argv[0], len(call_keys) - 1  # the first key is the watermark
+        offset += first_here * n_first_fields + (n_hashes - first_here) * n_second_fields
     return FixedWidthReply(blobs, odd)

@@ -161,7 +161,8 @@ def materialize(
     """Loads the latest snapshot of every entity into the online store (Feast shows progress).
 
     Every entity has a row in every daily snapshot, so the last day alone carries the
-    newest values; ``full`` replays the whole range (same result, much slower).
+    newest values; ``full`` replays the whole range (same result, much slower). The
+    watermark is written last, so readers trust the store only once every view is in.
     """
     from tqdm import tqdm
 
@@ -171,7 +172,21 @@ def materialize(
     # Feast 0.67's local engine draws no bar of its own: one step per feature view.
     for view in tqdm((d.CUSTOMER_VIEW, d.TERMINAL_VIEW), desc="materialize", unit="view", disable=not show_progress):
         store.materialize(start_date=start, end_date=end, feature_views=[view])
+    mark_loaded(settings, "materialize", start=start, end=end)
     return start, end
+
+
+def mark_loaded(settings: Settings, source: str, **details: object) -> None:
+    """Writes the project's watermark into the Redis online store (see ``watermark.py``);
+    the embedded SQLite store has none (its readers do not check one)."""
+    if not settings.redis.url:
+        return
+    import redis
+
+    from workers.features import watermark
+
+    with redis.Redis.from_url(settings.redis.url) as client:
+        watermark.write(client, settings.feast.project, source, **details)
 
 
 def load_online(settings: Settings, transactions, last_days: int | None = None) -> FeatureStore:

@@ -46,6 +46,8 @@ _DLQ_MAX_VALUE_BYTES = 900_000
 # engine may stay full before the partitions are paused (so rebalances are still served).
 _BACKLOG_RETRY_S = 0.0005
 _PAUSE_AFTER_S = 1.0
+# A broker outage repeats the same consumer error many times a second: one line per kind per interval.
+_WARN_INTERVAL_S = 10.0
 
 
 class Engine(Protocol):
@@ -75,7 +77,7 @@ class KafkaWorker:
         self._producer = Producer(producer_config(kafka))
         self._consumer = Consumer({**consumer_config(kafka), "stats_cb": self._on_stats})
         self._last_txn_commit = time.monotonic()
-        self._warn = RateLimitedLog(log)
+        self._warn = RateLimitedLog(log, _WARN_INTERVAL_S)
         self._decided_lock = threading.Lock()
         self.decided = 0  # decisions handed to the producer, for logs and tests
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from workers.app import build_engine
@@ -28,6 +28,7 @@ from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.rpc.auth import BearerTokenInterceptor
 from workers.rpc.dispatch import Dispatcher
 from workers.rpc.servicer import FraudScoringServicer
+from workers.rpc.store_health import follow_store_health
 from workers.settings import GrpcSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,9 @@ async def start_service(settings: Settings, engine: ScoringEngine) -> RunningSer
     service = RunningService(engine, server, health_servicer, servicer, port)
     if grpc_settings.rest_port:
         _start_rest(service, dispatcher, grpc_settings)
-    # The engine was warmed up by its builder: only now do we invite traffic.
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # The engine was warmed up by its builder: only now do we invite traffic, and only while
+    # it can read features (health follows the online store from here on).
+    await follow_store_health(health_servicer, engine, ("", SERVICE_NAME))
     log.info("gRPC on %s (port %d)%s", address, port, f", REST on {service.rest_port}" if service.rest_port else "")
     return service
 
