@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from workers.engine import Priority, ScoringEngine
-from workers.engine.store_health import StoreHealth, StoreProbe, StoreState, probe_once, state_after
+from workers.engine.store_health import UNREACHABLE_AFTER, StoreHealth, StoreProbe, StoreState, probe_once, state_after
 from workers.features.definitions import CUSTOMER_FEATURES, TERMINAL_FEATURES
 from workers.features.online import FeaturesLost, FeaturesUnavailable
 from workers.records import DegradedCause, Outcome, Transaction
@@ -60,9 +60,12 @@ def test_one_log_line_gauge_and_listener_call_per_transition_not_per_read(caplog
     health = StoreHealth(Clock())
     seen: list[StoreState] = []
     health.add_listener(seen.append)
-    for state in [StoreState.USABLE] * 5 + [StoreState.UNREACHABLE] * 50 + [StoreState.LOST] * 50 + [StoreState.USABLE] * 5:
+    outcomes = [StoreState.USABLE] * 5 + [StoreState.UNREACHABLE] * 50 + [StoreState.LOST] * 50 + [StoreState.USABLE] * 5
+    for i, state in enumerate(outcomes):
         health.record(state, "detail")
-        assert _sample("fraudscore_feature_store_state", state=state.value) == 1
+        # Unreachable counts from the UNREACHABLE_AFTER-th failure in a row.
+        shown = StoreState.USABLE if 5 <= i < 5 + UNREACHABLE_AFTER - 1 else state
+        assert _sample("fraudscore_feature_store_state", state=shown.value) == 1
         assert sum(_sample("fraudscore_feature_store_state", state=s.value) for s in StoreState) == 1
     assert seen == [StoreState.UNREACHABLE, StoreState.LOST, StoreState.USABLE]
     lines = _store_lines(caplog)
@@ -73,20 +76,38 @@ def test_one_log_line_gauge_and_listener_call_per_transition_not_per_read(caplog
     assert health.usable
 
 
+def test_failures_short_of_unreachable_after_in_a_row_leave_the_store_usable() -> None:
+    """One read timing out under load degrades its batch, not the process's health."""
+    health = StoreHealth(Clock())
+    seen: list[StoreState] = []
+    health.add_listener(seen.append)
+    health.record(StoreState.USABLE)  # it answered once (before that, the first failure counts)
+    for _ in range(20):
+        for _ in range(UNREACHABLE_AFTER - 1):
+            health.record(StoreState.UNREACHABLE, "timeout")
+        health.record(StoreState.USABLE)
+    assert seen == [] and health.usable
+    health.record(StoreState.LOST, "watermark missing")
+    assert seen == [StoreState.LOST], "a lost watermark is definitive: no vote"
+
+
 def test_a_flapping_store_logs_at_most_one_line_per_interval_per_state(caplog) -> None:
     caplog.set_level(logging.INFO, logger="workers.engine.store_health")
     clock = Clock()
     health = StoreHealth(clock)
     seen: list[StoreState] = []
     health.add_listener(seen.append)
-    for _ in range(20):  # a timeout now and then under load
+    health.record(StoreState.USABLE)
+    for _ in range(20):  # a store that keeps going away and coming back
         clock.now += 0.1
-        health.record(StoreState.UNREACHABLE, "timeout")
+        for _ in range(UNREACHABLE_AFTER):
+            health.record(StoreState.UNREACHABLE, "timeout")
         health.record(StoreState.USABLE)
-    assert len(seen) == 40, "every change still reaches the listeners (health follows the latest read)"
+    assert len(seen) == 40, "every change reaches the listeners"
     assert len(_store_lines(caplog)) == 2
     clock.now += 10.0
-    health.record(StoreState.UNREACHABLE, "timeout")
+    for _ in range(UNREACHABLE_AFTER):
+        health.record(StoreState.UNREACHABLE, "timeout")
     assert _store_lines(caplog)[-1].endswith("(19 more like this in the last 12 s)")
 
 

@@ -6,10 +6,11 @@ change of state is logged once, sets the ``fraudscore_feature_store_state`` gaug
 calls the listeners (the gRPC server turns it into SERVING / NOT_SERVING); a read that
 finds the state unchanged costs a clock read and a comparison.
 
-The state follows the latest outcome, without a vote: one failed read makes the store
-unreachable and the next good one makes it usable again. A store timing out now and then
-under load therefore flaps, and each flip is a log line, at most one per ``LOG_INTERVAL_S``
-for each state, the rest counted in the line that follows.
+A store that has answered becomes unreachable only after ``UNREACHABLE_AFTER`` failed
+outcomes in a row: one read timing out under load degrades its own batch, but must not take the process
+out of a load balancer. A lost watermark is definitive and counts at once, and one good
+outcome makes the store usable again. Each flip is a log line, at most one per
+``LOG_INTERVAL_S`` for each state, the rest counted in the line that follows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from workers.logs import RateLimitedLog
 log = logging.getLogger(__name__)
 
 LOG_INTERVAL_S = 10.0
+UNREACHABLE_AFTER = 3
 
 
 class StoreState(enum.Enum):
@@ -62,6 +64,10 @@ class StoreHealth:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._state = StoreState.USABLE
+        self._failures_in_a_row = 0  # consecutive UNREACHABLE outcomes
+        # Until a read has succeeded once there is nothing to protect from a vote: the first
+        # failure (the warm-up read, or a probe) counts at once.
+        self._seen_usable = False
         self._lock = threading.Lock()
         self._listeners: list[Listener] = []
         self._lines = RateLimitedLog(log, LOG_INTERVAL_S, clock)
@@ -87,10 +93,14 @@ class StoreHealth:
 
     def record(self, state: StoreState, detail: str = "") -> None:
         self.last_outcome_at = self._clock()
-        if state is self._state:
+        if state is self._state and self._failures_in_a_row == 0 and self._seen_usable:
             return
         with self._lock:
             previous = self._state
+            self._failures_in_a_row = self._failures_in_a_row + 1 if state is StoreState.UNREACHABLE else 0
+            if self._seen_usable and 0 < self._failures_in_a_row < UNREACHABLE_AFTER:
+                return
+            self._seen_usable = self._seen_usable or state is StoreState.USABLE
             if state is previous:
                 return
             self._state = state
