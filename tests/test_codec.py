@@ -39,6 +39,8 @@ def test_json_and_protobuf_forms_decode_to_the_same_transaction() -> None:
                      "event_time_us": T0}).encode(), "schema", "amount"),
         (b"{" + b" " * (codec.MAX_EVENT_BYTES + 1) + b"}", "too-large", "limit"),
         (b"\xff\xfe\x00garbage-bytes\x17", "malformed-protobuf", ""),
+        (b'{"transaction_id":"a\xff","customer_id":1,"terminal_id":1,"amount":1,"event_time_us":%d}' % T0,
+         "invalid-utf8", "UTF-8"),
     ],
 )
 def test_bad_events_are_rejected_with_kind_and_reason(payload, kind: str, reason_part: str) -> None:

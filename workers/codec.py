@@ -91,7 +91,10 @@ def _decode_json(payload: bytes) -> Transaction:
     except msgspec.ValidationError as exc:
         raise InvalidEvent("schema", str(exc)) from None
     except msgspec.DecodeError as exc:
-        raise InvalidEvent("malformed-json", str(exc)) from None
+        # msgspec < 0.20 raised UnicodeDecodeError for invalid UTF-8; later ones a DecodeError
+        # saying so: the same defect gets the same DLQ kind whichever is installed.
+        kind = "invalid-utf8" if "utf-8" in str(exc).lower() else "malformed-json"
+        raise InvalidEvent(kind, str(exc)) from None
     if _may_repeat_a_field(payload):
         _reject_repeated_fields(payload)
     return transaction
