@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def seed_features(settings) -> None:
     config = repo_config(settings)
     objects = repo_objects(ROOT / ".stack" / "bench-unused")
     rng = np.random.default_rng(7)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     store = RedisOnlineStore()
     for view, join_key, names, count in (
         (objects.customer_view, d.CUSTOMER_JOIN_KEY, d.CUSTOMER_FEATURES, CUSTOMERS),
@@ -254,7 +254,7 @@ def summarise(echo: list[dict], service: list[dict]) -> dict:
 def write_results(args: argparse.Namespace, rows: list[dict], summary: dict) -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     meta = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "processes": args.processes,
         "streams": args.streams,

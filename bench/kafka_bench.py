@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from workers.features import definitions as d  # noqa: E402
 from workers.kafka.admin import wait_for_group_assignment  # noqa: E402
+from workers.offline.simulator import LiveStream, SimulatorConfig  # noqa: E402
 from workers.settings import Settings, load_settings  # noqa: E402
-from workers.simulator import LiveStream, SimulatorConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 METRICS_PORT = 9199
@@ -66,7 +66,7 @@ def materialize(settings: Settings) -> None:
     import redis
 
     from workers.features.store import load_online
-    from workers.simulator import simulate_transactions
+    from workers.offline.simulator import simulate_transactions
 
     redis.Redis.from_url(settings.redis.url).flushdb()
     load_online(settings, simulate_transactions(SIM))
@@ -148,8 +148,8 @@ def floors(settings: Settings, batch_sizes: list[int], repeats: int) -> dict:
     for size in batch_sizes:
         cols = stream.batch_arrays(size)
         features = np.random.default_rng(0).random((size, d.N_FEATURES), dtype=np.float32)
-        onnx_s = _median_time(lambda: session.run(None, {"features": features}), repeats)
-        redis_s = _median_time(lambda: reader.read(cols["customer_id"], cols["terminal_id"]), repeats)
+        onnx_s = _median_time(lambda features=features: session.run(None, {"features": features}), repeats)
+        redis_s = _median_time(lambda cols=cols: reader.read(cols["customer_id"], cols["terminal_id"]), repeats)
         result["batches"][size] = {"onnx_ms": onnx_s * 1e3, "redis_read_ms": redis_s * 1e3,
                                    "floor_events_per_s": size / (onnx_s + redis_s)}
     return result
@@ -273,7 +273,7 @@ def run_load(settings: Settings, rate: float, seconds: float, total: int | None 
     result = {
         "offered_rate": None if preload else rate,
         "events": total,
-        "decided": int(len(seen_us)),
+        "decided": len(seen_us),
         "degraded": int(degraded),
         "stages_ms_mean": stages,
     }
@@ -371,8 +371,8 @@ def write_report(report: dict, stamp: str) -> None:
         lines.append(f"| {size} | {row['onnx_ms']:.3f} | {row['redis_read_ms']:.3f} | {row['floor_events_per_s']:.0f} |")
     t = report["throughput"]
     lines += ["", "## Sustained throughput (drain of pre-loaded topic, one worker process)", "",
-              f"{t['decided']} of {t['events']} decided, **{t.get('throughput_events_per_s', 0):.0f} events/s**, "
-              f"degraded {t['degraded']}", "", f"stage means (ms): {t['stages_ms_mean']}", "",
+              (f"{t['decided']} of {t['events']} decided, **{t.get('throughput_events_per_s', 0):.0f} events/s**, "
+               f"degraded {t['degraded']}"), "", f"stage means (ms): {t['stages_ms_mean']}", "",
               "## Latency, event sent -> decision readable (open-loop producer)", "",
               "| offered/s | decided | achieved/s | p50 ms | p99 ms | p99.9 ms | degraded |", "|---|---|---|---|---|---|---|"]
     for row in report["latency"]:

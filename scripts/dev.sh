@@ -2,7 +2,8 @@
 # Everything a fresh machine needs, behind the README's two commands:
 #
 #   bash scripts/dev.sh demo    set up, start Kafka + Redis, load features, run the worker and a demo producer
-#   bash scripts/dev.sh test    set up, start Kafka + Redis, run the test suite, stop what it started
+#   bash scripts/dev.sh test    set up, run ruff + mypy, start Kafka + Redis, run the test suite, stop what it started
+#   bash scripts/dev.sh check   set up, run ruff + mypy only
 #
 # Set-up is idempotent: Debian packages only when missing, the venv only when pyproject.toml changed.
 set -euo pipefail
@@ -42,25 +43,41 @@ setup_venv() {
   echo "$hash" > "$stamp"
 }
 
-stack_up() { PYTHON=$PY bash "$ROOT/scripts/stack.sh" up; }
-stack_down() { PYTHON=$PY bash "$ROOT/scripts/stack.sh" down || true; }
+stack() { PYTHON=$PY bash "$ROOT/scripts/stack.sh" "$@"; }
+
+# Static checks first: a finding fails the run before any server starts.
+run_checks() {
+  log "ruff check, ruff format --check, mypy"
+  "$VENV/bin/ruff" check workers tests bench
+  "$VENV/bin/ruff" format --check workers tests bench
+  "$VENV/bin/mypy"
+}
 
 run_tests() {
   setup_venv
-  stack_up
-  trap stack_down EXIT
+  run_checks
+  # Stop only what this run starts: services that were already up (a demo's stack, a
+  # developer's) are reused and left running, as the README promises.
+  local started
+  started=$(stack down-services)
+  stack up
+  if [ -n "$started" ]; then
+    # shellcheck disable=SC2064  # the list is fixed now, on purpose
+    trap "PYTHON='$PY' bash '$ROOT/scripts/stack.sh' down $started || true" EXIT
+  fi
   "$PY" -m pytest "$@"
 }
 
 run_demo() {
   setup_venv
-  stack_up
+  stack up
   exec "$VENV/bin/fraudscore" demo "$@"
 }
 
 case "${1:-}" in
   setup) setup_venv ;;
+  check) setup_venv; run_checks ;;
   test) shift; run_tests "$@" ;;
   demo) shift; run_demo "$@" ;;
-  *) echo "usage: $0 setup|test|demo [args]" >&2; exit 2 ;;
+  *) echo "usage: $0 setup|check|test|demo [args]" >&2; exit 2 ;;
 esac

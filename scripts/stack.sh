@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The local stack without Docker: a single-node Apache Kafka broker (KRaft) and a redis-server,
-# both on 127.0.0.1, at the addresses the worker's settings name (python -m workers.stack_env).
+# both on 127.0.0.1, at the addresses the worker's settings name (python -m workers.cli.stack_env).
 #
 #   scripts/stack.sh up       install what is missing, start (or reuse) Kafka + Redis, create topics
-#   scripts/stack.sh down     stop what this script started
+#   scripts/stack.sh down     stop what this script started (down kafka / down redis: one of them)
 #   scripts/stack.sh status   say what is running
 #
 # Kafka's jars come from Maven Central (scripts/kafka/pom.xml) into $FRAUDSCORE_CACHE
@@ -17,7 +17,7 @@ STATE=$ROOT/.stack
 KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/scripts/kafka/pom.xml")
 KAFKA_LIBS=$CACHE/kafka-$KAFKA_VERSION/libs
 
-eval "$("$PY" -m workers.stack_env)"
+eval "$("$PY" -m workers.cli.stack_env)"
 
 log() { echo "[stack] $*" >&2; }
 
@@ -126,9 +126,18 @@ case "${1:-}" in
     status
     ;;
   down)
-    stop_pidfile kafka "$STATE/kafka.pid"
-    stop_pidfile redis "$STATE/redis.pid"
+    # `down` stops both; `down kafka` or `down redis` only the one named.
+    shift
+    for service in "${@:-kafka redis}"; do
+      for name in $service; do stop_pidfile "$name" "$STATE/$name.pid"; done
+    done
+    ;;
+  down-services)
+    # The services not answering now, i.e. those a following `up` will start (dev.sh test
+    # stops only those at its end).
+    port_open "$KAFKA_HOST" "$KAFKA_PORT" || printf 'kafka '
+    port_open "$REDIS_HOST" "$REDIS_PORT" || printf 'redis '
     ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down [kafka|redis]|down-services|status" >&2; exit 2 ;;
 esac

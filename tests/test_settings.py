@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from workers.cli import main
 from workers.settings import REPO_ROOT, KafkaSettings, MetricsSettings, RedisSettings, load_settings
 
 
@@ -54,3 +56,34 @@ def test_docker_compose_uses_the_same_addresses_as_the_settings() -> None:
     assert f"PLAINTEXT://127.0.0.1:{kafka_port}" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
     assert redis_port in " ".join(services["redis"]["command"])
     assert str(metrics.port) in (REPO_ROOT / "deploy" / "prometheus.yml").read_text()
+
+
+def test_fraudscore_config_masks_every_secret(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("FRAUDSCORE_GRPC__BEARER_TOKEN", "tok-3141")
+    monkeypatch.setenv("FRAUDSCORE_REDIS__URL", "redis://feast:pw-2718@redis.internal:6379/0")
+    monkeypatch.setenv("FRAUDSCORE_KAFKA__CLIENT", '{"sasl.username": "svc", "sasl.password": "pw-1618"}')
+    monkeypatch.setenv("FRAUDSCORE_KAFKA__PRODUCER", '{"ssl.key.password": "pw-1414", "linger.ms": 3}')
+    assert main(["config"]) == 0
+    printed = capsys.readouterr().out
+    for secret in ("tok-3141", "pw-2718", "pw-1618", "pw-1414"):
+        assert secret not in printed
+    shown = json.loads(printed)
+    assert shown["redis"]["url"] == "redis://feast:**********@redis.internal:6379/0"
+    assert shown["kafka"]["client"] == {"sasl.username": "svc", "sasl.password": "**********"}
+    assert shown["kafka"]["producer"]["linger.ms"] == 3, "only secrets are masked"
+    # The settings themselves keep the real values for the code that uses them.
+    assert load_settings().grpc.bearer_token.get_secret_value() == "tok-3141"
+
+
+def test_connection_properties_given_once_reach_every_kafka_client() -> None:
+    from workers.kafka.admin import admin_client
+    from workers.kafka.config import connection_config, consumer_config, producer_config
+
+    kafka = KafkaSettings(bootstrap_servers="b1:9092,b2:9092", client={"security.protocol": "SASL_SSL",
+                                                                        "sasl.mechanism": "PLAIN"})
+    for config in (consumer_config(kafka), producer_config(kafka), connection_config(kafka, "smoke")):
+        assert config["bootstrap.servers"] == "b1:9092,b2:9092"
+        assert config["security.protocol"] == "SASL_SSL" and config["sasl.mechanism"] == "PLAIN"
+    assert connection_config(kafka, "smoke")["client.id"].startswith("fraudscore-smoke-")
+    # The admin client is built from the same function (it accepts the properties without a broker).
+    admin_client(KafkaSettings(bootstrap_servers="127.0.0.1:1", client={"socket.timeout.ms": 100}))

@@ -9,10 +9,13 @@ msgspec constraints, so a protobuf event cannot slip past a rule the JSON form o
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from typing import cast
 
 import msgspec
 from google.protobuf.message import DecodeError
 
+from workers.errors import InvalidEvent
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.records import Decision, DegradedCause, Outcome, Transaction
 
@@ -28,17 +31,6 @@ PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
 
 _json_decoder = msgspec.json.Decoder(Transaction)
 _json_encoder = msgspec.json.Encoder()
-
-
-class InvalidEvent(ValueError):
-    """A payload that cannot become a Transaction; ``reason`` goes into the DLQ header."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(f"{kind}: {reason}")
-        # tombstone | empty | too-large | malformed-json | malformed-protobuf | schema
-        # | too-deep | invalid-utf8 | undecodable
-        self.kind = kind
-        self.reason = reason
 
 
 def decode_transaction(payload: bytes | None, content_type: str | None = None) -> Transaction:
@@ -68,12 +60,17 @@ def decode_transaction(payload: bytes | None, content_type: str | None = None) -
         raise InvalidEvent("undecodable", _clip(f"{type(exc).__name__}: {exc}")) from None
 
 
-def content_type_of(headers: list[tuple[str, bytes | None]] | None) -> str | None:
+HeaderValue = str | bytes | None
+
+
+def content_type_of(headers: Sequence[tuple[str, HeaderValue]] | Mapping[str, HeaderValue] | None) -> str | None:
     """The event's ``content-type`` header, normalised (parameters dropped, lower case);
     None when absent, so the payload is sniffed. Any header bytes are accepted."""
-    for key, value in headers or ():
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    for key, value in pairs:
         if key == "content-type" and value:
-            return value.decode("ascii", "replace").split(";", 1)[0].strip().lower() or None
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+            return text.split(";", 1)[0].strip().lower() or None
     return None
 
 
@@ -217,12 +214,12 @@ def encode_decision_json(decision: Decision) -> bytes:
 def decision_to_proto(decision: Decision) -> fraud_pb2.Decision:
     return fraud_pb2.Decision(
         transaction_id=decision.transaction_id,
-        outcome=int(decision.outcome),
+        outcome=cast("fraud_pb2.Outcome", int(decision.outcome)),
         score=float(decision.score),
         reason_codes=decision.reason_codes,
         model_version=decision.model_version,
         degraded=decision.degraded,
-        degraded_cause=int(decision.degraded_cause),
+        degraded_cause=cast("fraud_pb2.DegradedCause", int(decision.degraded_cause)),
         degraded_detail=decision.degraded_detail,
         event_time_us=decision.event_time_us,
         decided_at_us=decision.decided_at_us,

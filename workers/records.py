@@ -12,6 +12,12 @@ from typing import Annotated
 
 import msgspec
 
+# Event times are integer microseconds since the Unix epoch (UTC) everywhere.
+US_PER_SECOND = 1_000_000
+SECONDS_PER_DAY = 86_400
+US_PER_HOUR = 3_600 * US_PER_SECOND
+US_PER_DAY = SECONDS_PER_DAY * US_PER_SECOND
+
 # Bounds fit the proto's types (int64, double) and real card traffic, so a validated event can
 # always be assembled into features and encoded back onto the wire in either format.
 MAX_ID_CHARS = 128

@@ -12,14 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +47,10 @@ class KafkaSettings(BaseModel):
     # (SCHED_IDLE) runs it only on CPU time nothing else wants, so gRPC processes on the same
     # host always come first; "batch" (SCHED_BATCH) only gives up wake-up preemption.
     cpu_priority: Literal["normal", "batch", "idle"] = "normal"
+    # librdkafka properties every client gets (worker, admin, demo, smoke, tests): the
+    # connection's security, e.g. {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN",
+    # "sasl.username": ..., "sasl.password": ...}. Given once, they reach every client.
+    client: dict[str, Any] = Field(default_factory=dict)
     # librdkafka properties passed through unchanged; they override ours.
     consumer: dict[str, Any] = Field(default_factory=dict)
     producer: dict[str, Any] = Field(default_factory=dict)
@@ -69,6 +69,11 @@ class FeastSettings(BaseModel):
     project: str = "fraudscore"
     # "feast": the SDK's get_online_features; "lean": one Redis pipeline over Feast's layout.
     reader: Literal["feast", "lean"] = "lean"
+
+    @property
+    def data_dir(self) -> Path:
+        """The simulated history and the Feast snapshots (Parquet) live here."""
+        return self.repo_path / "data"
 
 
 class ModelSettings(BaseModel):
@@ -116,7 +121,7 @@ class GrpcSettings(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set to require client certificates (mutual TLS)
-    bearer_token: str | None = None
+    bearer_token: SecretStr | None = None
     rest_port: int = 8080  # 0 disables the REST endpoint
     # Long-lived streams: ping an idle connection every keepalive_time_s and drop it when the
     # ack is not back within keepalive_timeout_s, so a vanished caller does not hold a stream
@@ -177,3 +182,31 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     return Settings(**overrides)
+
+
+_MASK = "**********"
+# librdkafka property names that hold secrets (sasl.password, ssl.key.password, ...).
+_SECRET_WORDS = ("password", "secret", "token", "credential")
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON-ready data with every secret masked: ``SecretStr`` fields (pydantic
+    prints them masked already), passwords inside URLs, and librdkafka secret properties."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    data["redis"]["url"] = _url_without_password(settings.redis.url)
+    for section in ("client", "consumer", "producer"):
+        properties = data["kafka"][section]
+        for key in properties:
+            if any(word in key.lower() for word in _SECRET_WORDS):
+                properties[key] = _MASK
+    return data
+
+
+def _url_without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:{_MASK}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

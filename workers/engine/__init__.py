@@ -1,30 +1,14 @@
-"""The scoring engine of issue 4: batcher -> enrich -> score (ONNX Runtime pools) -> decide.
+"""The scoring engine: batcher -> enrich -> score (ONNX Runtime pools) -> decide.
 
-Shared by the Kafka worker and the gRPC service; sources only need ``ScoringEngine``,
-``Priority`` and the ``on_done(decisions, timing)`` callback contract.
+Shared by the Kafka worker and the gRPC service, which depend only on the interfaces in
+``workers.types`` (``Engine``, ``Priority``, the ``DoneCallback`` contract).
+
+| module | what |
+|---|---|
+| ``batcher`` | the one bounded EDF queue with adaptive batches and the sync lane |
+| ``engine`` | ``ScoringEngine``: executors that enrich, score, decide and answer |
+| ``scoring`` | ONNX Runtime session pools and the GPU-first / CPU-overflow router |
+| ``models`` | the model registry, hot reload, and the serving model |
+| ``decide`` | scores -> outcomes with reason codes; the rules fallback |
+| ``store_health`` | the online store's state as the reads find it, and the idle probe |
 """
-
-from workers.engine.batcher import Batcher, Priority, Request
-from workers.engine.decide import REASON_CODES, Thresholds, decide, fallback
-from workers.engine.engine import BatchTiming, FeatureReader, ScoringEngine
-from workers.engine.models import ModelHolder, ModelLoadError, ModelRegistry, ServingModel
-from workers.engine.scoring import Router, SessionPool
-
-__all__ = [
-    "REASON_CODES",
-    "Batcher",
-    "BatchTiming",
-    "FeatureReader",
-    "ModelHolder",
-    "ModelLoadError",
-    "ModelRegistry",
-    "Priority",
-    "Request",
-    "Router",
-    "ScoringEngine",
-    "ServingModel",
-    "SessionPool",
-    "Thresholds",
-    "decide",
-    "fallback",
-]

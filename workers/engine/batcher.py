@@ -20,17 +20,16 @@ with a deadline and a priority. Executors call ``next_batch`` whenever they are 
 
 from __future__ import annotations
 
-import enum
 import heapq
 import itertools
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from workers import metrics
 from workers.records import Transaction
+from workers.types import DoneCallback, Priority
 
 # Time constant of the EWMAs: long enough to smooth bursts of a few ms, short enough that
 # the target falls back to 1 within a fraction of a second once the load goes away.
@@ -40,20 +39,10 @@ SERVICE_EWMA_ALPHA = 0.2
 SYNC_RECENT_S = 1.0
 
 
-class Priority(enum.IntEnum):
-    """Lower sorts first."""
-
-    SYNC = 0  # a caller is waiting (gRPC)
-    STREAM = 1  # a stream processor (Kafka)
-
-
-DoneCallback = Callable[[list, Any], None]
-
-
 class Request:
     """One unit of work: its transactions are decided together and answered in one callback."""
 
-    __slots__ = ("txns", "deadline_ns", "priority", "on_done", "enqueued_ns")
+    __slots__ = ("deadline_ns", "enqueued_ns", "on_done", "priority", "txns")
 
     def __init__(
         self,

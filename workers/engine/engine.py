@@ -19,21 +19,22 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from workers import metrics
-from workers.engine.batcher import Batcher, Priority, Request
+from workers.engine.batcher import Batcher, Request
 from workers.engine.decide import Decided, decide, fallback
 from workers.engine.models import ModelHolder, ModelRegistry, ServingModel, serving_model_builder
 from workers.engine.store_health import StoreHealth, StoreProbe, StoreState, probe_once, state_after
+from workers.errors import FeaturesUnavailable
 from workers.features.definitions import CUSTOMER_FEATURES, TERMINAL_FEATURES, assemble
 from workers.logs import RateLimitedLog
 from workers.records import Decision, DegradedCause, Transaction
 from workers.settings import EngineSettings, Settings
+from workers.types import BatchTiming, DoneCallback, EngineRequest, EntityFeatures, FeatureReader, Priority
 
 log = logging.getLogger(__name__)
 
@@ -41,39 +42,6 @@ _DETAIL_MAX = 200
 # While the store is down every batch fails the same way: one warning per key this often.
 _WARNING_INTERVAL_S = 10.0
 _PROBE_IDS = np.zeros(1, dtype=np.int64)
-
-
-class EntityFeatures(Protocol):
-    customer: np.ndarray  # float32 (n, len(CUSTOMER_FEATURES)), defaults for unknown entities
-    terminal: np.ndarray  # float32 (n, len(TERMINAL_FEATURES))
-
-
-class FeatureReader(Protocol):
-    """The online store as the engine sees it; ``FeaturesLost`` means "the store lost its
-    data", any other exception "features unavailable".
-
-    Optional, used where present: ``warm_up()``, run once on each engine thread before it
-    takes traffic; ``check()``, a probe that reads no features (else one row is read);
-    ``customer_found`` / ``terminal_found`` on the result, counted for the miss rate.
-    """
-
-    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures: ...
-
-
-@dataclass(slots=True)
-class BatchTiming:
-    """Where one request's time went, microseconds (mirrors ``fraud.v1.Timing``)."""
-
-    queue_us: int
-    enrich_us: int
-    inference_us: int  # includes waiting for a free session in the chosen pool
-    decide_us: int
-    total_us: int  # enqueue -> callback
-    device: str  # pool device that scored; "" when the rules fallback decided
-    batch_rows: int
-
-
-DoneCallback = Callable[[list[Decision], BatchTiming], None]
 
 
 @dataclass(slots=True)
@@ -138,7 +106,7 @@ class ScoringEngine:
         """
         return self.submit_many([(txns, deadline_ns, priority, on_done)])[0]
 
-    def submit_many(self, requests: Sequence[tuple[Sequence[Transaction], int, Priority, DoneCallback]]) -> list[bool]:
+    def submit_many(self, requests: Sequence[EngineRequest]) -> list[bool]:
         """``submit`` for several requests at once (one lock, one executor wake-up); per
         request, whether it was queued. A request with no transactions is answered at once."""
         now = time.monotonic_ns()
@@ -149,7 +117,7 @@ class ScoringEngine:
             if txns:
                 accepted.append(next(verdicts))
             else:
-                on_done([], BatchTiming(0, 0, 0, 0, 0, "", 0))
+                on_done([], BatchTiming())
                 accepted.append(True)
         return accepted
 
@@ -295,7 +263,10 @@ class ScoringEngine:
         terminal_ids = np.fromiter([t.terminal_id for t in txns], dtype=np.int64, count=n)
         try:
             entity = self.reader.read(customer_ids, terminal_ids)
-        except Exception as exc:  # the reader's own error types are not ours to know
+        except FeaturesUnavailable as exc:  # the store's state, not a bug
+            return None, *self._read_failed(exc, n)
+        except Exception as exc:  # a reader bug: say so loudly, and still answer every caller
+            log.exception("the feature reader raised %s, which is a bug; deciding without features", type(exc).__name__)
             return None, *self._read_failed(exc, n)
         self.store.record(StoreState.USABLE)
         _count_rows(entity, n)
@@ -370,7 +341,8 @@ class ScoringEngine:
             metrics.STAGE_QUEUE_WAIT.observe(queue_ns / 1e9)
             total_us = (time.monotonic_ns() - request.enqueued_ns) // 1000
             timing = BatchTiming(
-                queue_ns // 1000, enrich_us, inference_us, decide_us, total_us, stages.device, rows
+                queue_us=queue_ns // 1000, enrich_us=enrich_us, inference_us=inference_us, decide_us=decide_us,
+                total_us=total_us, device=stages.device, batch_rows=rows,
             )
             try:
                 request.on_done(mine, timing)
@@ -388,8 +360,7 @@ def _count_rows(entity: EntityFeatures, n: int) -> None:
     alert on for partial eviction. It does not degrade decisions: new customers are real,
     and any threshold would be a guess; a wiped store is told by its watermark instead.
     Readers that do not say what they found (test fakes) are not counted."""
-    for kind in ("customer", "terminal"):
-        found = getattr(entity, f"{kind}_found", None)
+    for kind, found in (("customer", entity.customer_found), ("terminal", entity.terminal_found)):
         if found is not None:
             read, missing = _ROWS[kind]
             read.inc(n)

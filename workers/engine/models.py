@@ -28,16 +28,13 @@ import onnxruntime as ort
 from workers import metrics
 from workers.engine.decide import Thresholds
 from workers.engine.scoring import Router, SessionPool, build_pools, smoke_test
-from workers.features.definitions import MODEL_METADATA_KEY, N_FEATURES, FeatureContractError, check_contract
+from workers.errors import FeatureContractError, ModelLoadError
+from workers.features.definitions import MODEL_METADATA_KEY, N_FEATURES, check_contract
 from workers.settings import EngineSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)\.onnx$")
-
-
-class ModelLoadError(RuntimeError):
-    """A model that cannot serve: missing, unreadable, wrong contract, or failing inference."""
 
 
 class _CardThresholds(msgspec.Struct):

@@ -23,13 +23,12 @@ import numpy as np
 import onnxruntime as ort
 
 from workers import metrics
-from workers.features.definitions import N_FEATURES
+from workers.errors import ModelLoadError
+from workers.features.definitions import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME, N_FEATURES
 from workers.settings import EngineSettings, PoolSettings
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "features"
-OUTPUT_NAME = "fraud_probability"
 EWMA_ALPHA = 0.2
 
 _PROVIDER_BY_DEVICE = {
@@ -93,8 +92,8 @@ class SessionPool:
         name: str,
         device: str,
         sessions: Sequence[Runner],
-        input_name: str = INPUT_NAME,
-        output_name: str = OUTPUT_NAME,
+        input_name: str = MODEL_INPUT_NAME,
+        output_name: str = MODEL_OUTPUT_NAME,
     ) -> None:
         if not sessions:
             raise ValueError("a pool needs at least one session")
@@ -206,6 +205,8 @@ def build_pools(model: bytes | Path, settings: EngineSettings) -> list[SessionPo
             log.info("no %s execution provider in this onnxruntime build; pool skipped", skipped.device)
     for pool_settings in [*available_gpu, settings.cpu_pool]:
         providers = providers_for(pool_settings)
+        if providers is None:  # a CPU build without the CPU provider: nothing can serve
+            raise ModelLoadError(f"no {pool_settings.device} execution provider in this onnxruntime build")
         sessions = [
             load_session(model, providers, pool_settings.intra_op_threads)
             for _ in range(max(1, pool_settings.sessions))
@@ -219,7 +220,7 @@ def build_pools(model: bytes | Path, settings: EngineSettings) -> list[SessionPo
 def io_names(session: ort.InferenceSession) -> tuple[str, str]:
     """The input and the probability output; a model's first output if it is not named so."""
     outputs = [o.name for o in session.get_outputs()]
-    return session.get_inputs()[0].name, OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+    return session.get_inputs()[0].name, MODEL_OUTPUT_NAME if MODEL_OUTPUT_NAME in outputs else outputs[0]
 
 
 def smoke_test(pools: Sequence[SessionPool], max_batch_rows: int) -> None:

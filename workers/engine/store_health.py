@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from workers import metrics
-from workers.features.online import FeaturesLost
+from workers.errors import FeaturesLost
 from workers.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,10 @@ _TRANSITION_LINES = {
     ),
     StoreState.LOST: (
         logging.ERROR,
-        "online store answers but has lost its features (was %s): decisions degraded FEATURES_LOST "
-        "until they are loaded again (fraudscore features materialize); %s",
+        (
+            "online store answers but has lost its features (was %s): decisions degraded FEATURES_LOST "
+            "until they are loaded again (fraudscore features materialize); %s"
+        ),
     ),
 }
 

@@ -16,9 +16,10 @@ Entities without history in a window get 0, in training and in serving alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from workers.errors import FeatureContractError
+from workers.records import US_PER_DAY, US_PER_HOUR
 
 WINDOWS_DAYS = (1, 7, 30)
 TERMINAL_LABEL_DELAY_DAYS = 7
@@ -58,28 +59,13 @@ RATIO_DEFAULT = 1.0
 
 # Key under which the ordered names are stored in ONNX model metadata (JSON list).
 MODEL_METADATA_KEY = "feature_names"
+# The model's one input (float32, (rows, N_FEATURES)) and the output the engine reads
+# (float32 fraud probability, (rows,)): training writes them, serving looks them up.
+MODEL_INPUT_NAME = "features"
+MODEL_OUTPUT_NAME = "fraud_probability"
 
-_US_PER_HOUR = 3_600_000_000
-_US_PER_DAY = 24 * _US_PER_HOUR
 # 1970-01-01 was a Thursday: weekday index (Monday=0) of day 0 is 3.
 _EPOCH_WEEKDAY = 3
-
-
-@dataclass(frozen=True)
-class FeatureContractError(ValueError):
-    """A model expects other features, or another order, than the serving definition."""
-
-    expected: tuple[str, ...]
-    found: tuple[str, ...]
-
-    def __str__(self) -> str:
-        missing = [n for n in self.expected if n not in self.found]
-        extra = [n for n in self.found if n not in self.expected]
-        detail = f"missing {missing}, unexpected {extra}" if missing or extra else "same names, other order"
-        return (
-            f"feature contract mismatch: the model was trained on {len(self.found)} features "
-            f"that differ from the serving definition ({len(self.expected)} features): {detail}"
-        )
 
 
 def check_contract(model_feature_names: tuple[str, ...] | list[str]) -> None:
@@ -98,8 +84,8 @@ def request_time_features(
     """The request-time columns, vectorised; shape (n, len(REQUEST_FEATURES)), float32."""
     amount = np.asarray(amount, dtype=np.float64)
     event_time_us = np.asarray(event_time_us, dtype=np.int64)
-    day = event_time_us // _US_PER_DAY
-    hour = (event_time_us % _US_PER_DAY) // _US_PER_HOUR
+    day = event_time_us // US_PER_DAY
+    hour = (event_time_us % US_PER_DAY) // US_PER_HOUR
     weekday = (day + _EPOCH_WEEKDAY) % 7
     avg = np.asarray(customer_avg_amount_30d, dtype=np.float64)
     has_history = (np.asarray(customer_nb_tx_30d) > 0) & (avg > 0)

@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 
 from workers.features import definitions as d
-
-US_PER_DAY = 86_400_000_000
+from workers.records import US_PER_DAY
 
 
 @dataclass(frozen=True)

@@ -22,35 +22,14 @@ and ``check`` (a probe that reads no features, for when there is no traffic).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
+from workers.errors import FeaturesLost, FeaturesUnavailable
 from workers.features import definitions as d
 from workers.features import redis_script, watermark
 from workers.settings import Settings
-
-
-class FeaturesUnavailable(RuntimeError):
-    """The online store did not answer (connection refused, timeout, ...): fall back."""
-
-
-class FeaturesLost(FeaturesUnavailable):
-    """The online store answered but has lost its data (flushed, evicted, restarted empty):
-    its "not found" would turn every customer into a new one, so fall back without features."""
-
-
-@dataclass(frozen=True)
-class EntityFeatures:
-    customer: np.ndarray  # (n, len(CUSTOMER_FEATURES)) float32
-    terminal: np.ndarray  # (n, len(TERMINAL_FEATURES)) float32
-    customer_found: np.ndarray  # (n,) bool
-    terminal_found: np.ndarray  # (n,) bool
-
-
-class OnlineReader(Protocol):
-    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures: ...
+from workers.types import EntityFeatures, FeatureReader
 
 
 def _lost(watermark_key: bytes) -> FeaturesLost:
@@ -63,7 +42,7 @@ _WARM_IDS = np.zeros(1, dtype=np.int64)
 
 def _block(values: np.ndarray, present: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat per-field arrays -> (float32 (rows, n_features) block, found per row)."""
-    return values.reshape(-1, n_features), present.reshape(-1, n_features).any(axis=1)
+    return values.reshape(-1, n_features), np.asarray(present.reshape(-1, n_features).any(axis=1))
 
 
 # Below this many rows a dict dedups faster than ``np.unique`` (which sorts, and costs
@@ -77,8 +56,8 @@ def _distinct(ids: np.ndarray) -> tuple[list[int], np.ndarray]:
         distinct, rows = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
         return distinct.tolist(), rows
     positions: dict[int, int] = {}
-    rows = [positions.setdefault(i, len(positions)) for i in np.asarray(ids, dtype=np.int64).tolist()]
-    return list(positions), np.array(rows, dtype=np.intp)
+    row_list = [positions.setdefault(i, len(positions)) for i in np.asarray(ids, dtype=np.int64).tolist()]
+    return list(positions), np.array(row_list, dtype=np.intp)
 
 
 def _as_block(values: list, n_rows: int, n_features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,14 +155,14 @@ class LeanRedisReader:
 
     def __init__(self, settings: Settings, project: str | None = None) -> None:
         import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-        # store first: it is where Feast gets imported (and its side effects undone).
-        from workers.features.store import ENTITY_KEY_SERIALIZATION_VERSION
-
         from feast.infra.online_stores.helpers import _mmh3, _redis_key
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # store first: it is where Feast gets imported (and its side effects undone).
+        from workers.features.store import ENTITY_KEY_SERIALIZATION_VERSION
 
         self._project = project or settings.feast.project
         self._watermark_key = watermark.key(self._project)
@@ -279,11 +258,11 @@ class LeanRedisReader:
             replies = self._run_script(calls)
         except self._no_script_error:
             # Redis restarted or SCRIPT FLUSH: load it again, once.
-            self._script_sha = self._client.script_load(redis_script.READ_FIXED_WIDTH)
+            self._script_sha = str(self._client.script_load(redis_script.READ_FIXED_WIDTH))
             replies = self._run_script(calls)
         if not redis_script.watermark_seen(replies):
             raise _lost(self._watermark_key)
-        reply = redis_script.merge_replies(replies, calls, n_customers, len(customer_fields), len(terminal_fields))
+        reply = redis_script.merge_replies(replies, calls, len(customer_fields), len(terminal_fields))
         values, present = reply.values, reply.present
         for position, raw in reply.odd.items():  # rare: a value that is not a Float32
             value = self._value_of(raw)
@@ -357,7 +336,7 @@ class LeanRedisReader:
         return None if kind is None else float(getattr(value, kind))
 
 
-def make_reader(settings: Settings) -> OnlineReader:
+def make_reader(settings: Settings) -> FeatureReader:
     """The reader ``settings.feast.reader`` names."""
     if settings.feast.reader == "feast":
         return FeastSdkReader(settings)

@@ -114,7 +114,7 @@ def watermark_seen(replies: Sequence[list]) -> bool:
 
 
 def merge_replies(replies: Sequence[list], calls: Sequence[tuple[list[bytes], list]],
-                  n_first: int, n_first_fields: int, n_second_fields: int) -> FixedWidthReply:
+                  n_first_fields: int, n_second_fields: int) -> FixedWidthReply:
     """Joins the per-call replies into one FixedWidthReply with global positions."""
     blobs, odd, offset = [], {}, 0
     for (blob, odd_flat, _), (call_keys, argv) in zip(replies, calls):

@@ -11,12 +11,11 @@ embedded SQLite store (``online_store.db``) for machines without Redis.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
-
-import os
 
 # feast 0.67 (feast/metrics.py) sets PROMETHEUS_MULTIPROC_DIR at import, for its gunicorn
 # feature server. In this worker that made every metric update an mmap write plus a pid check
@@ -26,7 +25,16 @@ import os
 _PROMETHEUS_ENV = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
 _prometheus_env_before = {name: os.environ.get(name) for name in _PROMETHEUS_ENV}
 
-from feast import Entity, FeatureStore, FeatureView, Field, FileSource, PushSource, RepoConfig, ValueType  # noqa: E402
+from feast import (  # noqa: E402
+    Entity,
+    FeatureStore,
+    FeatureView,
+    Field,
+    FileSource,
+    PushSource,
+    RepoConfig,
+    ValueType,
+)
 from feast.infra.offline_stores.dask import DaskOfflineStoreConfig  # noqa: E402
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig  # noqa: E402
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig  # noqa: E402
@@ -36,8 +44,8 @@ for _name, _value in _prometheus_env_before.items():
     if _value is None:
         os.environ.pop(_name, None)
 
-from workers.features import definitions as d
-from workers.settings import Settings
+from workers.features import definitions as d  # noqa: E402 (after Feast, see above)
+from workers.settings import Settings  # noqa: E402
 
 FEATURE_TTL = timedelta(days=90)
 ENTITY_KEY_SERIALIZATION_VERSION = 3
@@ -54,10 +62,6 @@ class RepoObjects:
 
     def all(self) -> list:
         return [self.customer, self.terminal, self.customer_push, self.terminal_push, self.customer_view, self.terminal_view]
-
-
-def data_dir(settings: Settings) -> Path:
-    return Path(settings.feast.repo_path) / "data"
 
 
 def push_source_name(view: str) -> str:
@@ -134,7 +138,7 @@ def feature_store(settings: Settings, read_timeout_s: float | None = None) -> Fe
 
 
 def apply(store: FeatureStore, settings: Settings) -> RepoObjects:
-    objects = repo_objects(data_dir(settings))
+    objects = repo_objects(settings.feast.data_dir)
     store.apply(objects.all())
     return objects
 
@@ -147,7 +151,7 @@ def snapshot_range(settings: Settings) -> tuple[datetime, datetime]:
     from workers.features.offline import snapshot_paths
 
     lows, highs = [], []
-    for path in snapshot_paths(data_dir(settings)).values():
+    for path in snapshot_paths(settings.feast.data_dir).values():
         ts = pq.read_table(path, columns=["event_timestamp"]).column("event_timestamp")
         bounds = pc.min_max(ts).as_py()
         lows.append(bounds["min"])
@@ -167,8 +171,8 @@ def materialize(
     from tqdm import tqdm
 
     first, last = snapshot_range(settings)
-    start = (first if full else last - timedelta(hours=12)).astimezone(timezone.utc)
-    end = (last + timedelta(seconds=1)).astimezone(timezone.utc)
+    start = (first if full else last - timedelta(hours=12)).astimezone(UTC)
+    end = (last + timedelta(seconds=1)).astimezone(UTC)
     # Feast 0.67's local engine draws no bar of its own: one step per feature view.
     for view in tqdm((d.CUSTOMER_VIEW, d.TERMINAL_VIEW), desc="materialize", unit="view", disable=not show_progress):
         store.materialize(start_date=start, end_date=end, feature_views=[view])
@@ -194,7 +198,7 @@ def load_online(settings: Settings, transactions, last_days: int | None = None) 
     materialized: the online store then serves them (tests, benchmarks, local runs)."""
     from workers.features.offline import write_snapshots
 
-    write_snapshots(transactions, data_dir(settings), last_days=last_days)
+    write_snapshots(transactions, settings.feast.data_dir, last_days=last_days)
     store = feature_store(settings)
     apply(store, settings)
     materialize(store, settings)

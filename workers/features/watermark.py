@@ -17,7 +17,7 @@ says when and what loaded the features, for people; readers only test that it ex
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 PREFIX = "fraudscore:watermark:"
 
@@ -28,7 +28,7 @@ def key(project: str) -> bytes:
 
 def write(client, project: str, source: str, **details: object) -> dict:
     """Marks ``project``'s features as loaded (``client``: a redis-py client); returns the value written."""
-    value = {"loaded_at": datetime.now(timezone.utc).isoformat(), "source": source, **details}
+    value = {"loaded_at": datetime.now(UTC).isoformat(), "source": source, **details}
     client.set(key(project), json.dumps(value, default=str))
     return value
 

@@ -1,1 +1,3 @@
-"""Thin adapters over confluent-kafka: configuration, admin, consumer and producer wrappers."""
+"""Adapters over confluent-kafka: ``config`` (librdkafka settings for every client), ``admin``
+(readiness, topics), ``producer`` (the retrying producer), ``offsets`` (at-least-once
+tracking) and ``worker`` (the Kafka source and sink around the engine)."""

@@ -7,15 +7,17 @@ import time
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from workers.errors import BrokerNotReady
+from workers.kafka.config import connection_config
 from workers.settings import KafkaSettings
 
 
 def admin_client(kafka: KafkaSettings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+    return AdminClient(connection_config(kafka, "admin"))
 
 
 def wait_until_ready(kafka: KafkaSettings, timeout_s: float = 60.0) -> None:
-    """Blocks until the broker answers a metadata request, or raises TimeoutError."""
+    """Blocks until the broker answers a metadata request, or raises BrokerNotReady."""
     admin = admin_client(kafka)
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
@@ -27,7 +29,7 @@ def wait_until_ready(kafka: KafkaSettings, timeout_s: float = 60.0) -> None:
         except KafkaException as exc:
             last_error = exc
         time.sleep(0.5)
-    raise TimeoutError(f"Kafka at {kafka.bootstrap_servers} not ready after {timeout_s}s: {last_error}")
+    raise BrokerNotReady(f"Kafka at {kafka.bootstrap_servers} not ready after {timeout_s}s: {last_error}")
 
 
 def ensure_topics(kafka: KafkaSettings, topics: dict[str, int], timeout_s: float = 30.0) -> list[str]:
@@ -37,7 +39,7 @@ def ensure_topics(kafka: KafkaSettings, topics: dict[str, int], timeout_s: float
     missing = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing]
     if not missing:
         return []
-    for name, future in admin.create_topics(missing, operation_timeout=timeout_s).items():
+    for _name, future in admin.create_topics(missing, operation_timeout=timeout_s).items():
         try:
             future.result()
         except KafkaException as exc:
@@ -93,4 +95,4 @@ def wait_for_group_assignment(kafka: KafkaSettings, members: int = 1, timeout_s:
             if len(owning) >= members:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"group {kafka.group_id} has no stable assignment after {timeout_s}s")
+    raise BrokerNotReady(f"group {kafka.group_id} has no stable assignment after {timeout_s}s")

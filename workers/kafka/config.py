@@ -29,12 +29,23 @@ from workers.settings import KafkaSettings
 STATISTICS_INTERVAL_MS = 5000
 
 
+def connection_config(kafka: KafkaSettings, role: str = "worker") -> dict[str, Any]:
+    """Where and how to connect, for every client of the project (worker, admin, demo, smoke,
+    benchmarks, tests): the bootstrap servers, a client id that names the role and process
+    (broker logs and quotas see it), and ``kafka.client``, the security properties
+    (SASL/SSL) given once. Callers add their role's own properties to a copy."""
+    return {
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "client.id": f"fraudscore-{role}-{socket.gethostname()}-{os.getpid()}",
+        **kafka.client,
+    }
+
+
 def consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
     exactly_once = kafka.delivery == "exactly-once"
     config: dict[str, Any] = {
-        "bootstrap.servers": kafka.bootstrap_servers,
+        **connection_config(kafka),
         "group.id": kafka.group_id,
-        "client.id": f"fraudscore-{socket.gethostname()}-{os.getpid()}",
         "auto.offset.reset": "earliest",
         # Exactly-once commits offsets inside the producer's transaction instead.
         "enable.auto.commit": not exactly_once,
@@ -54,8 +65,7 @@ def consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
 
 def producer_config(kafka: KafkaSettings) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "bootstrap.servers": kafka.bootstrap_servers,
-        "client.id": f"fraudscore-{socket.gethostname()}-{os.getpid()}",
+        **connection_config(kafka),
         "linger.ms": 1,
         "acks": "all",
         "enable.idempotence": True,

@@ -24,18 +24,18 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from workers import codec, metrics
-from workers.engine.batcher import Priority
 from workers.kafka.config import consumer_config, producer_config
 from workers.kafka.offsets import Chunk, OffsetTracker
+from workers.kafka.producer import DeliveryCallback, Headers, RetryingProducer
 from workers.logs import RateLimitedLog
 from workers.records import Decision, Transaction
 from workers.settings import KafkaSettings
+from workers.types import BatchTiming, DoneCallback, Engine, Priority
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,6 @@ _BACKLOG_RETRY_S = 0.0005
 _PAUSE_AFTER_S = 1.0
 # A broker outage repeats the same consumer error many times a second: one line per kind per interval.
 _WARN_INTERVAL_S = 10.0
-
-
-class Engine(Protocol):
-    def submit(
-        self,
-        txns: Sequence[Transaction],
-        deadline_ns: int,
-        priority: Priority,
-        on_done: Callable[[list[Decision], Any], None],
-    ) -> bool: ...
 
 
 class KafkaWorker:
@@ -74,7 +64,7 @@ class KafkaWorker:
         self._paused = False
         self._blocked_since = 0.0  # when the engine queue started refusing the backlog head
         self._stop = threading.Event()
-        self._producer = Producer(producer_config(kafka))
+        self._producer = RetryingProducer(producer_config(kafka))
         self._consumer = Consumer({**consumer_config(kafka), "stats_cb": self._on_stats})
         self._last_txn_commit = time.monotonic()
         self._warn = RateLimitedLog(log, _WARN_INTERVAL_S)
@@ -132,17 +122,18 @@ class KafkaWorker:
     def _handle(self, messages: list[Message]) -> None:
         by_partition: dict[int, list[Message]] = {}
         for message in messages:
-            if message.error() is not None:
-                self._on_consume_error(message.error())
+            error = message.error()
+            if error is not None:
+                self._on_consume_error(error)
                 continue
-            by_partition.setdefault(message.partition(), []).append(message)
+            by_partition.setdefault(_position(message)[1], []).append(message)
         for partition_messages in by_partition.values():
             for start in range(0, len(partition_messages), self._max_chunk_rows):
                 self._handle_chunk(partition_messages[start : start + self._max_chunk_rows])
 
     def _handle_chunk(self, messages: list[Message]) -> None:
-        first = messages[0]
-        chunk = self._tracker.track(first.topic(), first.partition(), first.offset(), messages[-1].offset())
+        topic, partition, first_offset = _position(messages[0])
+        chunk = self._tracker.track(topic, partition, first_offset, _position(messages[-1])[2])
         txns: list[Transaction] = []
         sources: list[Message] = []
         for message in messages:
@@ -186,8 +177,8 @@ class KafkaWorker:
 
     # --- engine -> decisions topic -------------------------------------------------------
 
-    def _decision_callback(self, chunk: Chunk, sources: list[Message]) -> Callable[[list[Decision], Any], None]:
-        def on_decided(decisions: list[Decision], timing: Any = None) -> None:
+    def _decision_callback(self, chunk: Chunk, sources: list[Message]) -> DoneCallback:
+        def on_decided(decisions: list[Decision], _timing: BatchTiming | None = None) -> None:
             self._produce_decisions(chunk, sources, decisions)
 
         return on_decided
@@ -216,19 +207,14 @@ class KafkaWorker:
             self._tracker.ack(chunk, len(produced))
 
     def _produce_decision(self, chunk: Chunk, source: Message, decision: Decision) -> None:
-        headers = [("model-version", decision.model_version), ("content-type", self._decision_content_type)]
+        headers: Headers = [("model-version", decision.model_version), ("content-type", self._decision_content_type)]
         on_delivery = functools.partial(self._on_decision_delivery, chunk, source)
         self._produce(self._kafka.decisions_topic, decision.transaction_id, self._encode_decision(decision), headers,
                       on_delivery)
 
-    def _produce(self, topic: str, key: str | bytes | None, value: bytes | None, headers: list, on_delivery) -> None:
-        while True:
-            try:
-                self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
-                return
-            except BufferError:
-                # The producer's local queue is full: let it send, then retry. Never drop.
-                self._producer.poll(0.01)
+    def _produce(self, topic: str, key: str | bytes | None, value: bytes | None, headers: Headers,
+                 on_delivery: DeliveryCallback) -> None:
+        self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
 
     def _on_decision_delivery(self, chunk: Chunk, source: Message, error: KafkaError | None, message: Message) -> None:
         if error is None:
@@ -241,27 +227,29 @@ class KafkaWorker:
         else:
             # The idempotent producer retried until message.timeout.ms. Re-send instead of
             # acking, so the offset is never committed past a loss.
-            self._warn.warning("produce", "delivery to %s failed (%s); re-sending", message.topic(), error)
+            topic = self._kafka.decisions_topic
+            self._warn.warning("produce", "delivery to %s failed (%s); re-sending", topic, error)
             on_delivery = functools.partial(self._on_decision_delivery, chunk, source)
-            self._produce(message.topic(), message.key(), message.value(), message.headers() or [], on_delivery)
+            self._produce(topic, message.key(), message.value(), message.headers() or [], on_delivery)
 
     def _dead_letter(self, source: Message, chunk: Chunk, kind: str, reason: str) -> None:
         """The event's original bytes (a null value stays null) to the DLQ, with why and where from."""
         value = source.value()
-        headers: list[tuple[str, bytes]] = [
+        topic, partition, offset = _position(source)
+        headers: list[tuple[str, str | bytes | None]] = [
             # Header values are bytes: a reason may quote text that does not encode cleanly.
             ("dlq-reason", reason[:1000].encode("utf-8", "backslashreplace")),
             ("dlq-error-kind", kind.encode()),
-            ("dlq-source-topic", source.topic().encode()),
-            ("dlq-source-partition", str(source.partition()).encode()),
-            ("dlq-source-offset", str(source.offset()).encode()),
+            ("dlq-source-topic", topic.encode()),
+            ("dlq-source-partition", str(partition).encode()),
+            ("dlq-source-offset", str(offset).encode()),
         ]
         if value is not None and len(value) > _DLQ_MAX_VALUE_BYTES:
             headers.append(("dlq-truncated-from-bytes", str(len(value)).encode()))
             value = value[:_DLQ_MAX_VALUE_BYTES]
         metrics.DLQ_MESSAGES.labels(kind).inc()
-        self._warn.warning(f"dlq:{kind}", "offset %s/%d/%d to DLQ (%s): %s", source.topic(), source.partition(),
-                           source.offset(), kind, reason[:200])
+        self._warn.warning(f"dlq:{kind}", "offset %s/%d/%d to DLQ (%s): %s", topic, partition, offset, kind,
+                           reason[:200])
         on_delivery = functools.partial(self._on_dlq_delivery, chunk)
         try:
             self._produce(self._kafka.dlq_topic, source.key(), value, headers, on_delivery)
@@ -273,9 +261,10 @@ class KafkaWorker:
 
     def _on_dlq_delivery(self, chunk: Chunk, error: KafkaError | None, message: Message) -> None:
         if error is not None and not _can_never_land(error):
-            self._warn.warning("produce", "delivery to %s failed (%s); re-sending", message.topic(), error)
+            topic = self._kafka.dlq_topic
+            self._warn.warning("produce", "delivery to %s failed (%s); re-sending", topic, error)
             on_delivery = functools.partial(self._on_dlq_delivery, chunk)
-            self._produce(message.topic(), message.key(), message.value(), message.headers() or [], on_delivery)
+            self._produce(topic, message.key(), message.value(), message.headers() or [], on_delivery)
             return
         if error is not None:
             # Nowhere left to put it: log the coordinates loudly and move on rather than stall.
@@ -373,6 +362,12 @@ def decode_message(message: Message) -> Transaction:
     """The transaction a consumed message carries, or ``codec.InvalidEvent``: nothing else
     escapes, whatever its value or headers hold."""
     return codec.decode_transaction(message.value(), _content_type(message))
+
+
+def _position(message: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed message. The client's types allow None for
+    each (a message that carries only an error has none); a consumed record has all three."""
+    return cast(str, message.topic()), cast(int, message.partition()), cast(int, message.offset())
 
 
 def _content_type(message: Message) -> str | None:

@@ -51,10 +51,10 @@ def _rejecting(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         "response_serializer": handler.response_serializer,
     }
 
-    async def unary(request, context):
+    async def unary(_request, context):
         await _abort(context)
 
-    async def streaming(request, context):
+    async def streaming(_request, context):
         await _abort(context)
         yield  # pragma: no cover - makes this an async generator
 

@@ -17,23 +17,9 @@ from collections.abc import Sequence
 import grpc
 
 from workers.codec import decision_from_proto, transaction_to_proto
+from workers.errors import ScoreRejected, StreamBroken
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.records import Decision, Transaction
-
-
-class ScoreRejected(Exception):
-    """The server answered this request with an error (e.g. 3 INVALID_ARGUMENT)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class StreamBroken(ConnectionError):
-    """The stream ended or failed while this request waited; it may or may not have been scored."""
-
-
 
 
 class _Stream:

@@ -26,10 +26,9 @@ import time
 from collections.abc import Callable
 
 from workers import metrics
-from workers.engine.batcher import Priority
 from workers.engine.decide import fallback
-from workers.engine.engine import BatchTiming, ScoringEngine
 from workers.records import Decision, DegradedCause, Transaction
+from workers.types import BatchTiming, Engine, Priority
 
 # Below this much remaining budget the engine cannot answer anyway (queue hop + loop hop
 # alone take longer), so the request gets the fallback at once instead of a timer.
@@ -94,7 +93,7 @@ class Admission:
 class MethodMetrics:
     """Label children bound once per method: ``labels()`` per request costs a dict lookup + lock."""
 
-    __slots__ = ("latency", "in_flight", "deadline_fallbacks", "shed")
+    __slots__ = ("deadline_fallbacks", "in_flight", "latency", "shed")
 
     def __init__(self, method: str) -> None:
         self.latency = metrics.GRPC_LATENCY.labels(method)
@@ -106,7 +105,7 @@ class MethodMetrics:
 class Pending:
     """One request between submission and its single answer."""
 
-    __slots__ = ("txn", "arrival_ns", "budget_ns", "sink", "method", "admission", "timer", "done")
+    __slots__ = ("admission", "arrival_ns", "budget_ns", "done", "method", "sink", "timer", "txn")
 
     def __init__(
         self, txn: Transaction, arrival_ns: int, budget_ns: int, sink: Sink, method: MethodMetrics, admission: Admission
@@ -142,7 +141,7 @@ class Pending:
         decision = fallback([self.txn], cause, detail).decisions[0]
         decide_us = (time.perf_counter_ns() - started) // 1000
         total_us = (time.monotonic_ns() - self.arrival_ns) // 1000
-        self._finish(decision, BatchTiming(0, 0, 0, decide_us, total_us, "", 1))
+        self._finish(decision, BatchTiming(decide_us=decide_us, total_us=total_us, batch_rows=1))
 
     def _finish(self, decision: Decision, timing: BatchTiming) -> None:
         self.done = True
@@ -185,7 +184,7 @@ class Completions:
 class Dispatcher:
     """Submits single transactions to the shared engine with a per-request deadline timer."""
 
-    def __init__(self, engine: ScoringEngine, default_budget_ms: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: Engine, default_budget_ms: float, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self.default_budget_ns = int(default_budget_ms * 1e6)
         self._loop = loop
@@ -247,7 +246,8 @@ class Dispatcher:
         for pending, accepted in zip(outbox, verdicts):
             if not accepted:
                 self.admission.in_flight -= 1
-                pending.timer.cancel()
+                if pending.timer is not None:
+                    pending.timer.cancel()
                 pending.method.shed.inc()
                 pending.degrade(DegradedCause.OVERLOADED, "engine queue full")
 

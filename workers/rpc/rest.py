@@ -114,7 +114,7 @@ def _as_json(response: fraud_pb2.ScoreResponse) -> dict:
 class EmbeddedServer(uvicorn.Server):
     """uvicorn inside our event loop: our SIGTERM handler owns shutdown, not uvicorn's."""
 
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self):
         import contextlib
 
         return contextlib.nullcontext()

@@ -16,7 +16,7 @@ import signal
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -24,12 +24,16 @@ from grpc_reflection.v1alpha import reflection
 
 from workers.app import build_engine
 from workers.engine.engine import ScoringEngine
+from workers.errors import ConfigError
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.rpc.auth import BearerTokenInterceptor
 from workers.rpc.dispatch import Dispatcher
 from workers.rpc.servicer import FraudScoringServicer
 from workers.rpc.store_health import follow_store_health
 from workers.settings import GrpcSettings, Settings
+
+if TYPE_CHECKING:  # uvicorn and FastAPI are imported only where REST is enabled
+    from workers.rpc.rest import EmbeddedServer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ def server_credentials(grpc_settings: GrpcSettings) -> grpc.ServerCredentials | 
     if grpc_settings.tls_cert is None:
         return None
     if grpc_settings.tls_key is None:
-        raise ValueError("grpc.tls_cert is set but grpc.tls_key is not")
+        raise ConfigError("grpc.tls_cert is set but grpc.tls_key is not")
     pair = (grpc_settings.tls_key.read_bytes(), grpc_settings.tls_cert.read_bytes())
     client_ca = grpc_settings.tls_client_ca.read_bytes() if grpc_settings.tls_client_ca else None
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
@@ -69,7 +73,7 @@ class RunningService:
     servicer: FraudScoringServicer
     port: int
     rest_port: int | None = None
-    rest_server: object | None = None
+    rest_server: EmbeddedServer | None = None
     rest_task: asyncio.Task | None = None
 
     async def stop(self, grace_s: float, stop_engine: bool = True) -> None:
@@ -92,7 +96,8 @@ async def start_service(settings: Settings, engine: ScoringEngine) -> RunningSer
     grpc_settings = settings.grpc
     loop = asyncio.get_running_loop()
     dispatcher = Dispatcher(engine, settings.engine.default_budget_ms, loop)
-    interceptors = [BearerTokenInterceptor(grpc_settings.bearer_token)] if grpc_settings.bearer_token else []
+    token = grpc_settings.bearer_token
+    interceptors = [BearerTokenInterceptor(token.get_secret_value())] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=server_options(grpc_settings))
     servicer = FraudScoringServicer(dispatcher, grpc_settings.max_in_flight_per_stream)
     fraud_pb2_grpc.add_FraudScoringServicer_to_server(servicer, server)
@@ -140,10 +145,10 @@ async def serve_until_signalled(settings: Settings, engine: ScoringEngine) -> No
 GRPC_EXECUTORS = 1
 
 
-def _child_main(settings_json: str, index: int) -> None:
+def _child_main(settings: Settings, index: int) -> None:
+    """One server process. ``settings`` arrives pickled, not as JSON: JSON masks the secrets."""
     from workers.metrics import start_metrics_server
 
-    settings = Settings.model_validate_json(settings_json)
     logging.basicConfig(level=settings.log_level, format=f"%(asctime)s %(levelname)s [grpc-{index}] %(name)s: %(message)s")
     # Each process has its own registry on grpc_port + index (prometheus multiprocess mode
     # would need a shared directory and loses histograms' per-process view); the Kafka
@@ -209,16 +214,16 @@ def run(settings: Settings) -> int:
     """Runs ``settings.grpc.processes`` server processes on one port until SIGTERM/SIGINT."""
     count = max(1, settings.grpc.processes)
     if count == 1:
-        _child_main(settings.model_dump_json(), 0)
+        _child_main(settings, 0)
         return 0
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=_child_main, args=(settings.model_dump_json(), i), name=f"grpc-{i}") for i in range(count)
+        context.Process(target=_child_main, args=(settings, i), name=f"grpc-{i}") for i in range(count)
     ]
     for child in children:
         child.start()
 
-    def forward(signum: int, frame: object) -> None:
+    def forward(_signum: int, _frame: object) -> None:
         for child in children:
             if child.pid is not None and child.is_alive():
                 child.terminate()  # SIGTERM: each child drains on its own

@@ -8,16 +8,17 @@ not tear down a stream that carries other requests.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 
 from workers import metrics
-from workers.codec import InvalidEvent, decision_to_proto, transaction_from_proto
-from workers.engine.engine import BatchTiming
+from workers.codec import decision_to_proto, transaction_from_proto
+from workers.errors import InvalidEvent
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.records import Decision, Transaction
 from workers.rpc.dispatch import Dispatcher, MethodMetrics
+from workers.types import BatchTiming
 
 # google.rpc.Code values carried in ScoreError.code
 INVALID_ARGUMENT = 3
@@ -117,8 +118,10 @@ class StreamSession:
             await self._write(context)
         finally:
             reader.cancel()
-        if reader.done() and not reader.cancelled() and reader.exception() is not None:
-            raise reader.exception()
+        if reader.done() and not reader.cancelled():
+            failure = reader.exception()
+            if failure is not None:
+                raise failure
 
     def stop_reading(self) -> None:
         if self._reader is not None:

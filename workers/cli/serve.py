@@ -1,0 +1,100 @@
+"""Subcommands that run the pipeline: ``serve`` (the Kafka worker), ``produce`` (demo load), ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from workers.cli import command
+from workers.settings import load_settings
+
+log = logging.getLogger("fraudscore")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grpc", action="store_true",
+                   help="also serve gRPC (+ REST) from this process, on the same engine: callers come first")
+
+
+@command("serve", "run the Kafka worker: transactions -> decisions (metrics on the metrics port)", _serve_args)
+def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    # First, before any thread exists: threads inherit the policy.
+    set_cpu_priority(settings.kafka.cpu_priority if not args.grpc else "normal")
+    from workers.app import build_engine
+    from workers.kafka.worker import KafkaWorker
+    from workers.metrics import start_metrics_server
+
+    start_metrics_server(settings)
+    engine = build_engine(settings)
+    worker = KafkaWorker(
+        settings.kafka, engine, max_chunk_rows=settings.engine.max_batch_size,
+        budget_ms=settings.kafka.decision_budget_ms,
+    )
+    service = None
+    if args.grpc:
+        from workers.rpc.server import ServiceThread
+
+        service = ServiceThread(settings, engine)
+        service.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    log.info("metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.port)
+    try:
+        worker.run()
+    finally:
+        if service is not None:
+            service.stop()
+        engine.stop(drain=True)
+    return 0
+
+
+def set_cpu_priority(policy: str) -> None:
+    """``kafka.cpu_priority`` for this process (Linux scheduling policy; see KafkaSettings)."""
+    policies = {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+    os.sched_setscheduler(0, policies[policy], os.sched_param(0))
+    if policy != "normal":
+        log.info("CPU scheduling policy: %s (callers in other processes on this host come first)", policy)
+
+
+def _produce_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rate", type=float, default=1000.0, help="events per second")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events (0: run until Ctrl-C)")
+    p.add_argument("--format", choices=("json", "protobuf"), default="json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bad-every", type=int, default=0, help="every Nth event is garbage (DLQ demo)")
+
+
+@command("produce", "publish simulated live transactions to the transactions topic at a rate", _produce_args)
+def _produce(args: argparse.Namespace) -> int:
+    from workers.offline.producer import DemoProducer
+
+    settings = load_settings()
+    producer = DemoProducer(settings.kafka, seed=args.seed, fmt=args.format, bad_every=args.bad_every)
+    stop = _stop_on_signals()
+    sent = producer.run(rate=args.rate, count=args.count or None, should_stop=stop.is_set)
+    print(f"produced {sent} events to {settings.kafka.transactions_topic}")
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rate", type=float, default=500.0)
+    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
+
+
+@command("demo", "load features, run the worker and a demo producer, and show decisions flowing", _demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    from workers.cli.demo import run_demo
+
+    return run_demo(load_settings(), rate=args.rate, seconds=args.seconds or None)
+
+
+def _stop_on_signals():
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
