@@ -29,18 +29,39 @@ def test_json_and_protobuf_forms_decode_to_the_same_transaction() -> None:
         (b"", "empty", "empty"),
         (None, "tombstone", "null"),
         (b"{not json", "malformed-json", ""),
-        (json.dumps({"transaction_id": "x", "customer_id": "abc", "terminal_id": 1, "amount": 1,
-                     "event_time_us": T0}).encode(), "schema", "customer_id"),
-        (json.dumps({"customer_id": 1, "terminal_id": 1, "amount": 1, "event_time_us": T0}).encode(),
-         "schema", "transaction_id"),
-        (json.dumps({"transaction_id": "", "customer_id": 1, "terminal_id": 1, "amount": 1,
-                     "event_time_us": T0}).encode(), "schema", "transaction_id"),
-        (json.dumps({"transaction_id": "x", "customer_id": 1, "terminal_id": 1, "amount": -5,
-                     "event_time_us": T0}).encode(), "schema", "amount"),
+        (
+            json.dumps(
+                {"transaction_id": "x", "customer_id": "abc", "terminal_id": 1, "amount": 1, "event_time_us": T0}
+            ).encode(),
+            "schema",
+            "customer_id",
+        ),
+        (
+            json.dumps({"customer_id": 1, "terminal_id": 1, "amount": 1, "event_time_us": T0}).encode(),
+            "schema",
+            "transaction_id",
+        ),
+        (
+            json.dumps(
+                {"transaction_id": "", "customer_id": 1, "terminal_id": 1, "amount": 1, "event_time_us": T0}
+            ).encode(),
+            "schema",
+            "transaction_id",
+        ),
+        (
+            json.dumps(
+                {"transaction_id": "x", "customer_id": 1, "terminal_id": 1, "amount": -5, "event_time_us": T0}
+            ).encode(),
+            "schema",
+            "amount",
+        ),
         (b"{" + b" " * (codec.MAX_EVENT_BYTES + 1) + b"}", "too-large", "limit"),
         (b"\xff\xfe\x00garbage-bytes\x17", "malformed-protobuf", ""),
-        (b'{"transaction_id":"a\xff","customer_id":1,"terminal_id":1,"amount":1,"event_time_us":%d}' % T0,
-         "invalid-utf8", "UTF-8"),
+        (
+            b'{"transaction_id":"a\xff","customer_id":1,"terminal_id":1,"amount":1,"event_time_us":%d}' % T0,
+            "invalid-utf8",
+            "UTF-8",
+        ),
     ],
 )
 def test_bad_events_are_rejected_with_kind_and_reason(payload, kind: str, reason_part: str) -> None:
@@ -61,9 +82,19 @@ def test_protobuf_that_parses_but_misses_ids_is_a_schema_error() -> None:
 
 
 def test_decision_json_names_enums_for_humans() -> None:
-    decision = Decision("t-1", Outcome.REVIEW, 0.4242424, ["RISKY_TERMINAL"], "mlp-v1",
-                        degraded=True, degraded_cause=DegradedCause.FEATURES_UNAVAILABLE,
-                        degraded_detail="redis timeout", event_time_us=5, decided_at_us=9, device="cpu")
+    decision = Decision(
+        "t-1",
+        Outcome.REVIEW,
+        0.4242424,
+        ["RISKY_TERMINAL"],
+        "mlp-v1",
+        degraded=True,
+        degraded_cause=DegradedCause.FEATURES_UNAVAILABLE,
+        degraded_detail="redis timeout",
+        event_time_us=5,
+        decided_at_us=9,
+        device="cpu",
+    )
     message = msgspec.json.decode(codec.encode_decision_json(decision))
     assert message["outcome"] == "REVIEW"
     assert message["degraded_cause"] == "FEATURES_UNAVAILABLE"
@@ -82,7 +113,17 @@ def test_decision_protobuf_round_trips() -> None:
 
 
 def test_decision_proto_round_trip_is_lossless_for_the_client() -> None:
-    decision = Decision("t-3", Outcome.REVIEW, 0.5, ["RISKY_TERMINAL"], "mlp-v1", degraded=True,
-                        degraded_cause=DegradedCause.BUDGET_EXCEEDED, degraded_detail="late",
-                        event_time_us=1, decided_at_us=2, device="cpu")
+    decision = Decision(
+        "t-3",
+        Outcome.REVIEW,
+        0.5,
+        ["RISKY_TERMINAL"],
+        "mlp-v1",
+        degraded=True,
+        degraded_cause=DegradedCause.BUDGET_EXCEEDED,
+        degraded_detail="late",
+        event_time_us=1,
+        decided_at_us=2,
+        device="cpu",
+    )
     assert codec.decision_from_proto(codec.decision_to_proto(decision)) == decision

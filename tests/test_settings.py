@@ -79,8 +79,9 @@ def test_connection_properties_given_once_reach_every_kafka_client() -> None:
     from workers.kafka.admin import admin_client
     from workers.kafka.config import connection_config, consumer_config, producer_config
 
-    kafka = KafkaSettings(bootstrap_servers="b1:9092,b2:9092", client={"security.protocol": "SASL_SSL",
-                                                                        "sasl.mechanism": "PLAIN"})
+    kafka = KafkaSettings(
+        bootstrap_servers="b1:9092,b2:9092", client={"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN"}
+    )
     for config in (consumer_config(kafka), producer_config(kafka), connection_config(kafka, "smoke")):
         assert config["bootstrap.servers"] == "b1:9092,b2:9092"
         assert config["security.protocol"] == "SASL_SSL" and config["sasl.mechanism"] == "PLAIN"

@@ -55,8 +55,11 @@ def test_protobuf_transaction_carries_the_same_fields_as_the_json_form() -> None
 
     message = json_format.ParseDict(GOOD_EVENT, fraud_pb2.Transaction())
     assert set(fraud_pb2.Transaction.DESCRIPTOR.fields_by_name) == set(Transaction.__struct_fields__)
-    as_struct = Transaction(**json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                                           always_print_fields_with_no_presence=True))
+    as_struct = Transaction(
+        **json_format.MessageToDict(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    )
     assert as_struct.transaction_id == "t-1"
 
 

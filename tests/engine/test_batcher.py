@@ -124,7 +124,9 @@ def test_back_pressure_when_full() -> None:
 
 def test_submit_many_queues_what_fits_in_order_and_wakes_one_batch() -> None:
     batcher = Batcher(max_batch_rows=100, max_queue_delay_s=0.0, capacity_rows=5)
-    verdicts = batcher.submit_many([request(rows=2, tag="a"), request(rows=2, tag="b"), request(rows=2, tag="c"), request(rows=1, tag="d")])
+    verdicts = batcher.submit_many(
+        [request(rows=2, tag="a"), request(rows=2, tag="b"), request(rows=2, tag="c"), request(rows=1, tag="d")]
+    )
     assert verdicts == [True, True, False, True]  # c did not fit, d still did
     batch = batcher.next_batch()
     assert [r.txns[0].transaction_id[0] for r in batch] == ["a", "b", "d"]

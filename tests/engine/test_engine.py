@@ -222,6 +222,7 @@ def test_stop_with_drain_answers_everything(settings: Settings) -> None:
 def test_callback_error_does_not_stop_the_engine(settings: Settings) -> None:
     engine = running(ScoringEngine.from_settings(settings, FixedReader(), executors=1))
     try:
+
         def explode(decisions, timing):
             raise ValueError("sink bug")
 

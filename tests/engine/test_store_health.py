@@ -56,7 +56,9 @@ def test_one_log_line_gauge_and_listener_call_per_transition_not_per_read(caplog
     health = StoreHealth(Clock())
     seen: list[StoreState] = []
     health.add_listener(seen.append)
-    outcomes = [StoreState.USABLE] * 5 + [StoreState.UNREACHABLE] * 50 + [StoreState.LOST] * 50 + [StoreState.USABLE] * 5
+    outcomes = (
+        [StoreState.USABLE] * 5 + [StoreState.UNREACHABLE] * 50 + [StoreState.LOST] * 50 + [StoreState.USABLE] * 5
+    )
     for i, state in enumerate(outcomes):
         health.record(state, "detail")
         # Unreachable counts from the UNREACHABLE_AFTER-th failure in a row.
@@ -167,7 +169,9 @@ class SwitchableReader:
             raise self.failure
         n = len(customer_ids)
         customer = np.tile(np.array([1, 50, 14, 50, 60, 50], dtype=np.float32), (n, 1))
-        return EntityFeatures(customer, np.zeros((n, len(TERMINAL_FEATURES)), dtype=np.float32), customer_ids != 0, np.ones(n, dtype=bool))
+        return EntityFeatures(
+            customer, np.zeros((n, len(TERMINAL_FEATURES)), dtype=np.float32), customer_ids != 0, np.ones(n, dtype=bool)
+        )
 
     def check(self) -> None:
         self.checks += 1
@@ -191,7 +195,9 @@ def settings(tmp_path: Path) -> Settings:
 
 def _decide(engine: ScoringEngine, amounts: list[float], customer_id: int = 1):
     done: queue.Queue = queue.Queue()
-    txns = [Transaction(f"t{i}-{time.monotonic_ns()}", customer_id, 3, a, 12 * 3_600_000_000) for i, a in enumerate(amounts)]
+    txns = [
+        Transaction(f"t{i}-{time.monotonic_ns()}", customer_id, 3, a, 12 * 3_600_000_000) for i, a in enumerate(amounts)
+    ]
     assert engine.submit(txns, engine.deadline_after(WAIT_S * 1000), Priority.SYNC, lambda d, t: done.put(d))
     return done.get(timeout=WAIT_S)
 
@@ -203,7 +209,9 @@ def _wait_state(engine: ScoringEngine, state: StoreState) -> None:
         time.sleep(0.01)
 
 
-def test_lost_features_give_features_lost_decisions_without_features_then_recover_without_traffic(settings, caplog) -> None:
+def test_lost_features_give_features_lost_decisions_without_features_then_recover_without_traffic(
+    settings, caplog
+) -> None:
     caplog.set_level(logging.WARNING, logger="workers.engine.engine")
     reader = SwitchableReader()
     engine = ScoringEngine.from_settings(settings, reader, executors=2)
@@ -212,7 +220,9 @@ def test_lost_features_give_features_lost_decisions_without_features_then_recove
     errors_before = _sample("fraudscore_feature_read_errors_total", kind="lost")
     engine.start()
     try:
-        assert sorted(reader.warmed_on) == ["engine-executor-0", "engine-executor-1"], "each executor warmed before start returned"
+        assert sorted(reader.warmed_on) == ["engine-executor-0", "engine-executor-1"], (
+            "each executor warmed before start returned"
+        )
         assert not _decide(engine, [20.0])[0].degraded
         reader.failure = FeaturesLost("no watermark 'fraudscore:watermark:p'")
         for _ in range(20):
@@ -223,7 +233,9 @@ def test_lost_features_give_features_lost_decisions_without_features_then_recove
             assert [d.outcome for d in decisions] == [Outcome.APPROVE, Outcome.REVIEW, Outcome.DECLINE]
         assert engine.store.state is StoreState.LOST
         assert _sample("fraudscore_feature_read_errors_total", kind="lost") - errors_before == 20
-        warnings = [r for r in caplog.records if r.name == "workers.engine.engine" and "features lost" in r.getMessage()]
+        warnings = [
+            r for r in caplog.records if r.name == "workers.engine.engine" and "features lost" in r.getMessage()
+        ]
         assert len(warnings) == 1, "20 failed batches, one warning (rate limited)"
         checks = reader.checks
         reader.failure = None  # loaded again; no traffic: the idle probe finds out
@@ -254,8 +266,11 @@ def test_an_unreachable_store_stays_features_unavailable(settings) -> None:
 
 def test_rows_and_missing_entities_are_counted_per_entity_kind(settings) -> None:
     engine = ScoringEngine.from_settings(settings, SwitchableReader(), executors=1)
-    before = {(kind, name): _sample(name, entity=kind) for kind in ("customer", "terminal")
-              for name in ("fraudscore_feature_rows_total", "fraudscore_feature_rows_missing_total")}
+    before = {
+        (kind, name): _sample(name, entity=kind)
+        for kind in ("customer", "terminal")
+        for name in ("fraudscore_feature_rows_total", "fraudscore_feature_rows_missing_total")
+    }
     engine.start()
     try:
         _decide(engine, [20.0, 30.0], customer_id=0)  # customer 0 is unknown to this reader

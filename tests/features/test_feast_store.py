@@ -38,7 +38,9 @@ def _applied_store(transactions: pd.DataFrame, settings: Settings):
 
 
 @pytest.fixture(scope="module")
-def redis_store(transactions: pd.DataFrame, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, object]]:
+def redis_store(
+    transactions: pd.DataFrame, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Settings, object]]:
     settings = _settings(tmp_path_factory.mktemp("feature_repo"), redis_url)
     store = _applied_store(transactions, settings)
     yield settings, store
@@ -50,7 +52,9 @@ def redis_store(transactions: pd.DataFrame, redis_url: str, tmp_path_factory: py
     watermark.clear(redis.Redis.from_url(redis_url), settings.feast.project)  # not a Feast key
 
 
-def _latest_offline(transactions: pd.DataFrame, customers: np.ndarray, terminals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _latest_offline(
+    transactions: pd.DataFrame, customers: np.ndarray, terminals: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     at = np.full(len(customers), offline.snapshot_times(transactions)[-1])
     return (
         offline.customer_features(offline.customer_history(transactions), customers, at),
@@ -67,7 +71,9 @@ def _known_ids(transactions: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarr
 def test_feast_reads_back_the_offline_values(transactions: pd.DataFrame, redis_store) -> None:
     _, store = redis_store
     customers, terminals = _known_ids(transactions, 8)
-    refs = [f"{d.CUSTOMER_VIEW}:{f}" for f in d.CUSTOMER_FEATURES] + [f"{d.TERMINAL_VIEW}:{f}" for f in d.TERMINAL_FEATURES]
+    refs = [f"{d.CUSTOMER_VIEW}:{f}" for f in d.CUSTOMER_FEATURES] + [
+        f"{d.TERMINAL_VIEW}:{f}" for f in d.TERMINAL_FEATURES
+    ]
     rows = [{d.CUSTOMER_JOIN_KEY: int(c), d.TERMINAL_JOIN_KEY: int(t)} for c, t in zip(customers, terminals)]
     online = store.get_online_features(features=refs, entity_rows=rows).to_dict()
     expected_customer, expected_terminal = _latest_offline(transactions, customers, terminals)
@@ -189,7 +195,9 @@ def test_feast_reader_on_unreachable_redis_raises_features_unavailable(redis_sto
     from workers.features.online import FeastSdkReader
 
     settings, _ = redis_store
-    unreachable = settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": "redis://127.0.0.1:1/0"})})
+    unreachable = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"url": "redis://127.0.0.1:1/0"})}
+    )
     with pytest.raises(FeaturesUnavailable):
         FeastSdkReader(unreachable).read(np.array([1]), np.array([2]))
 

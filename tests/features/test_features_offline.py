@@ -31,7 +31,13 @@ def tiny() -> pd.DataFrame:
             "customer_id": [1, 1, 1, 1, 2],
             "terminal_id": [7, 7, 7, 7, 8],
             "amount": [10.0, 20.0, 30.0, 40.0, 5.0],
-            "event_time_us": [DAY0 + 10 * HOUR, DAY0 + 12 * HOUR, DAY0 + DAY + 11 * HOUR, DAY0 + 9 * DAY + 10 * HOUR, DAY0 + 3 * HOUR],
+            "event_time_us": [
+                DAY0 + 10 * HOUR,
+                DAY0 + 12 * HOUR,
+                DAY0 + DAY + 11 * HOUR,
+                DAY0 + 9 * DAY + 10 * HOUR,
+                DAY0 + 3 * HOUR,
+            ],
             "is_fraud": [0, 1, 0, 0, 0],
         }
     )
@@ -77,11 +83,16 @@ def test_request_features_weekend_and_night(tiny: pd.DataFrame) -> None:
 def test_snapshot_is_what_a_reader_sees_at_midnight(tiny: pd.DataFrame) -> None:
     times = offline.snapshot_times(tiny)
     customers = offline.customer_snapshots(tiny, times)
-    row = customers[(customers["customer_id"] == 1) & (customers["event_timestamp"] == pd.Timestamp(DAY0 + DAY, unit="us", tz="UTC"))]
+    row = customers[
+        (customers["customer_id"] == 1)
+        & (customers["event_timestamp"] == pd.Timestamp(DAY0 + DAY, unit="us", tz="UTC"))
+    ]
     assert row[["customer_nb_tx_1d", "customer_avg_amount_1d"]].to_numpy().tolist() == [[2, 15]]
     terminals = offline.terminal_snapshots(tiny, times)
     assert list(terminals.columns) == ["event_timestamp", "terminal_id", *d.TERMINAL_FEATURES]
-    last = terminals[(terminals["terminal_id"] == 7) & (terminals["event_timestamp"] == terminals["event_timestamp"].max())]
+    last = terminals[
+        (terminals["terminal_id"] == 7) & (terminals["event_timestamp"] == terminals["event_timestamp"].max())
+    ]
     # Last midnight is day 10: delayed 7-day window [day -4, day 3) holds the first three.
     assert last["terminal_nb_tx_7d"].item() == 3 and last["terminal_risk_7d"].item() == pytest.approx(1 / 3)
 
@@ -119,4 +130,7 @@ def test_snapshots_equal_transaction_features_at_the_same_instant() -> None:
     at = ((sample["event_timestamp"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)).to_numpy()
     expected = offline.customer_features(offline.customer_history(frame), sample["customer_id"].to_numpy(), at)
     np.testing.assert_array_equal(sample[list(d.CUSTOMER_FEATURES)].to_numpy(), expected)
-    assert (snapshots["event_timestamp"].nunique(), snapshots["customer_id"].nunique()) == (3, frame["customer_id"].nunique())
+    assert (snapshots["event_timestamp"].nunique(), snapshots["customer_id"].nunique()) == (
+        3,
+        frame["customer_id"].nunique(),
+    )

@@ -49,9 +49,14 @@ def test_script_and_pipeline_agree_on_every_kind_of_stored_value(reader: LeanRed
         client.hset(reader._key(d.CUSTOMER_JOIN_KEY, customer), mapping=mapping)
     for terminal in terminals:
         fields = reader._fields[d.TERMINAL_JOIN_KEY]
-        client.hset(reader._key(d.TERMINAL_JOIN_KEY, terminal), mapping={f: _value(float_val=terminal + j) for j, f in enumerate(fields)})
+        client.hset(
+            reader._key(d.TERMINAL_JOIN_KEY, terminal),
+            mapping={f: _value(float_val=terminal + j) for j, f in enumerate(fields)},
+        )
 
-    keys = [reader._key(d.CUSTOMER_JOIN_KEY, c) for c in customers] + [reader._key(d.TERMINAL_JOIN_KEY, t) for t in terminals]
+    keys = [reader._key(d.CUSTOMER_JOIN_KEY, c) for c in customers] + [
+        reader._key(d.TERMINAL_JOIN_KEY, t) for t in terminals
+    ]
     script_values, script_present = reader._fetch_by_script(keys, len(customers))
     pipe_values, pipe_present = reader._fetch_by_pipeline(keys, len(customers))
     np.testing.assert_array_equal(script_present, pipe_present)
@@ -79,7 +84,9 @@ def test_script_and_pipeline_both_report_a_store_without_its_watermark_as_lost(r
     """Flushed, restarted empty, evicted: every hash missing looks like unknown entities
     unless the watermark says otherwise, on both paths and for every chunk of a read."""
     customers, terminals = [1, 2, 3, 4], [10, 11, 12]
-    keys = [reader._key(d.CUSTOMER_JOIN_KEY, c) for c in customers] + [reader._key(d.TERMINAL_JOIN_KEY, t) for t in terminals]
+    keys = [reader._key(d.CUSTOMER_JOIN_KEY, c) for c in customers] + [
+        reader._key(d.TERMINAL_JOIN_KEY, t) for t in terminals
+    ]
     reader._fetch_by_script(keys, len(customers))  # loaded: no error, whatever is missing
     watermark.clear(reader._client, "scripttest")
     with pytest.raises(FeaturesLost):

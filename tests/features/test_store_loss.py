@@ -52,8 +52,21 @@ class RedisServer:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._cmd = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(directory),
-                     "--save", "", "--appendonly", "no", "--daemonize", "yes"]
+        self._cmd = [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+        ]
 
     def start(self) -> None:
         subprocess.run(self._cmd, check=True, stdout=subprocess.DEVNULL)
@@ -90,11 +103,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 def _settings(tmp_path: Path, server: RedisServer) -> Settings:
     settings = service_settings(tmp_path / "model")
-    return settings.model_copy(update={
-        "redis": settings.redis.model_copy(update={"url": server.url}),
-        "feast": settings.feast.model_copy(update={"repo_path": tmp_path / "repo", "project": f"s_{uuid.uuid4().hex[:10]}"}),
-        "engine": settings.engine.model_copy(update={"store_probe_interval_s": PROBE_INTERVAL_S}),
-    })
+    return settings.model_copy(
+        update={
+            "redis": settings.redis.model_copy(update={"url": server.url}),
+            "feast": settings.feast.model_copy(
+                update={"repo_path": tmp_path / "repo", "project": f"s_{uuid.uuid4().hex[:10]}"}
+            ),
+            "engine": settings.engine.model_copy(update={"store_probe_interval_s": PROBE_INTERVAL_S}),
+        }
+    )
 
 
 def _load(settings: Settings, transactions: pd.DataFrame) -> None:
@@ -125,7 +142,9 @@ def test_restart_empty_is_features_lost_down_is_features_unavailable_and_reloadi
                     return (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))).status
 
                 async def decide(name: str, amount: float = 400.0) -> fraud_pb2.Decision:
-                    reply = await scoring.Score(request(name, budget_ms=1000, customer_id=KNOWN_CUSTOMER, amount=amount))
+                    reply = await scoring.Score(
+                        request(name, budget_ms=1000, customer_id=KNOWN_CUSTOMER, amount=amount)
+                    )
                     return reply.decision
 
                 async def until(want: int) -> float:

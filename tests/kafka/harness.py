@@ -83,8 +83,9 @@ def start_worker(env: dict[str, str], log_path: Path) -> WorkerProcess:
 
 
 def produce(kafka: KafkaSettings, payloads: list[tuple[str, bytes]], content_type: str | None = None) -> None:
-    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5, "acks": "all",
-                         "message.max.bytes": 2_000_000})
+    producer = Producer(
+        {"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5, "acks": "all", "message.max.bytes": 2_000_000}
+    )
     headers = [("content-type", content_type)] if content_type else None
     for key, value in payloads:
         while True:

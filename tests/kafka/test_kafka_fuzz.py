@@ -27,8 +27,15 @@ from workers.records import EVENT_TIME_MAX_US, EVENT_TIME_MIN_US, DegradedCause,
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 INVALID_KINDS = {
-    "tombstone", "empty", "too-large", "malformed-json", "malformed-protobuf", "schema", "too-deep",
-    "invalid-utf8", "undecodable",
+    "tombstone",
+    "empty",
+    "too-large",
+    "malformed-json",
+    "malformed-protobuf",
+    "schema",
+    "too-deep",
+    "invalid-utf8",
+    "undecodable",
 }
 FIELDS = tuple(Transaction.__struct_fields__)
 T0 = 1_700_000_000_000_000
@@ -54,7 +61,8 @@ json_scalars = (
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
 )
 json_trees = st.recursive(
-    json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=12,
 )
 plausible = {
@@ -87,8 +95,14 @@ def deep_json(draw) -> bytes:
 @st.composite
 def invalid_utf8(draw) -> bytes:
     """A valid-looking JSON event with bytes that are not UTF-8 inside one string."""
-    base = {"transaction_id": "tx-1", "customer_id": 1, "terminal_id": 2, "amount": 3.0, "event_time_us": T0,
-            "currency": "EUR"}
+    base = {
+        "transaction_id": "tx-1",
+        "customer_id": 1,
+        "terminal_id": 2,
+        "amount": 3.0,
+        "event_time_us": T0,
+        "currency": "EUR",
+    }
     field = draw(st.sampled_from(["transaction_id", "currency"]))
     bad = draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80"]))
     base[field] = "@@"
@@ -137,8 +151,12 @@ payloads = st.one_of(
     repeated_fields(),
     protobuf_events(),
 )
-header_values = st.none() | st.binary(max_size=40) | st.sampled_from(
-    [b"application/json", b"application/x-protobuf", b"Application/JSON; charset=utf-8", b"\xff\xfe", b""]
+header_values = (
+    st.none()
+    | st.binary(max_size=40)
+    | st.sampled_from(
+        [b"application/json", b"application/x-protobuf", b"Application/JSON; charset=utf-8", b"\xff\xfe", b""]
+    )
 )
 headers = st.none() | st.lists(
     st.tuples(st.sampled_from(["content-type", "Content-Type", "x-trace"]) | st.text(max_size=10), header_values),
@@ -152,10 +170,15 @@ headers = st.none() | st.lists(
 @FUZZ
 @given(payload=payloads, header_list=headers)
 @example(payload=b'{"a":' * 5000 + b"1" + b"}" * 5000, header_list=None)
-@example(payload=b'{"transaction_id":"a\xffb","customer_id":1,"terminal_id":2,"amount":1,"event_time_us":1}', header_list=None)
+@example(
+    payload=b'{"transaction_id":"a\xffb","customer_id":1,"terminal_id":2,"amount":1,"event_time_us":1}',
+    header_list=None,
+)
 @example(payload=fraud_pb2.Transaction(transaction_id="only-id").SerializeToString(), header_list=None)
-@example(payload=b'{"transaction_id":"t","customer_id":1,"terminal_id":2,"amount":1,"event_time_us":100000000000000000000}',
-         header_list=[("content-type", b"application/json")])
+@example(
+    payload=b'{"transaction_id":"t","customer_id":1,"terminal_id":2,"amount":1,"event_time_us":100000000000000000000}',
+    header_list=[("content-type", b"application/json")],
+)
 def test_every_message_is_a_valid_transaction_or_an_invalid_event(payload, header_list) -> None:
     try:
         txn = decode_message(Envelope(payload, header_list))
@@ -188,8 +211,10 @@ def _assert_passes_validation(txn: Transaction) -> None:
 
 def _assert_every_decision_encodes(txn: Transaction) -> None:
     features = assemble(
-        np.array([txn.amount]), np.array([txn.event_time_us], dtype=np.int64),
-        np.zeros((1, len(CUSTOMER_FEATURES)), dtype=np.float32), np.zeros((1, len(TERMINAL_FEATURES)), dtype=np.float32),
+        np.array([txn.amount]),
+        np.array([txn.event_time_us], dtype=np.int64),
+        np.zeros((1, len(CUSTOMER_FEATURES)), dtype=np.float32),
+        np.zeros((1, len(TERMINAL_FEATURES)), dtype=np.float32),
     )
     decided = [
         decide([txn], features, np.array([0.97], dtype=np.float32), Thresholds(0.5, 0.9), "mlp-v1", "cpu"),

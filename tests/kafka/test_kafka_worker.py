@@ -154,8 +154,10 @@ def test_exactly_once_mode_gives_read_committed_readers_one_decision_each(
 ) -> None:
     txns = _live(4_000, seed=3)
     env = worker_env(
-        kafka_topics, _feast_env(features),
-        FRAUDSCORE_KAFKA__DELIVERY="exactly-once", FRAUDSCORE_KAFKA__INSTANCE_ID="eos-1",
+        kafka_topics,
+        _feast_env(features),
+        FRAUDSCORE_KAFKA__DELIVERY="exactly-once",
+        FRAUDSCORE_KAFKA__INSTANCE_ID="eos-1",
         FRAUDSCORE_KAFKA__CONSUME_BATCH="200",
     )
     uncommitted = Collector(kafka_topics, kafka_topics.decisions_topic, isolation="read_uncommitted")
@@ -227,8 +229,9 @@ def test_malformed_events_go_to_the_dlq_with_reasons_and_good_ones_are_decided(
     good = _live(20, seed=6)
     bad = {
         "garbage": b"\x00\xff\xfe garbage \x01",
-        "wrong-types": json.dumps({"transaction_id": "x1", "customer_id": "one", "terminal_id": 1,
-                                   "amount": 1.0, "event_time_us": 1}).encode(),
+        "wrong-types": json.dumps(
+            {"transaction_id": "x1", "customer_id": "one", "terminal_id": 1, "amount": 1.0, "event_time_us": 1}
+        ).encode(),
         "missing-id": json.dumps({"customer_id": 1, "terminal_id": 1, "amount": 1.0, "event_time_us": 1}).encode(),
         "huge": b'{"transaction_id": "' + b"x" * 200_000 + b'"}',
         "empty": b"",
@@ -272,10 +275,25 @@ def test_redis_outage_degrades_decisions_and_recovery_restores_full_ones(
     port = 16391
     dump_dir = tmp_path / "redis"
     dump_dir.mkdir()
-    redis_cmd = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(dump_dir),
-                 "--save", "", "--appendonly", "no", "--daemonize", "yes"]
+    redis_cmd = [
+        "redis-server",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(dump_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "yes",
+    ]
     subprocess.run(redis_cmd, check=True)
-    outage_settings = features.model_copy(update={"redis": features.redis.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})})
+    outage_settings = features.model_copy(
+        update={"redis": features.redis.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})}
+    )
     _wait_redis(port)
     _materialize(outage_settings)
     client = redis.Redis(port=port)
@@ -368,8 +386,12 @@ def test_poison_pills_go_to_the_dlq_and_a_restarted_worker_does_not_meet_them_ag
     # A header key that is not UTF-8: the worker must still read the event (sniffing its format).
     odd_header = _live(1, seed=12)[0]
     producer = Producer({"bootstrap.servers": kafka_topics.bootstrap_servers})
-    producer.produce(kafka_topics.transactions_topic, key=odd_header.transaction_id,
-                     value=codec.encode_transaction_json(odd_header), headers=[(b"\xff\xfe", b"\x00")])
+    producer.produce(
+        kafka_topics.transactions_topic,
+        key=odd_header.transaction_id,
+        value=codec.encode_transaction_json(odd_header),
+        headers=[(b"\xff\xfe", b"\x00")],
+    )
     assert producer.flush(10) == 0
     env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_KAFKA__DECISION_FORMAT=decision_format)
     decisions = Collector(kafka_topics, kafka_topics.decisions_topic)
@@ -478,12 +500,19 @@ def test_serve_with_grpc_answers_callers_and_kafka_from_one_engine(
     from workers.proto.fraud.v1 import fraud_pb2_grpc
 
     port = _free_port()
-    env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_GRPC__PORT=str(port), FRAUDSCORE_GRPC__REST_PORT="0")
+    env = worker_env(
+        kafka_topics, _feast_env(features), FRAUDSCORE_GRPC__PORT=str(port), FRAUDSCORE_GRPC__REST_PORT="0"
+    )
     env_args = ["serve", "--grpc"]
     log_path = tmp_path / "combined.log"
     with log_path.open("ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "workers", *env_args], env=env, cwd=REPO_ROOT,
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers", *env_args],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     worker = WorkerProcess(process, log_path)
     collector = Collector(kafka_topics, kafka_topics.decisions_topic)
     try:
@@ -493,7 +522,9 @@ def test_serve_with_grpc_answers_callers_and_kafka_from_one_engine(
         caller = _live(1, seed=16)[0]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             answer = fraud_pb2_grpc.FraudScoringStub(channel).Score(
-                fraud_pb2.ScoreRequest(request_id="r1", transaction=codec.transaction_to_proto(caller), budget_us=50_000),
+                fraud_pb2.ScoreRequest(
+                    request_id="r1", transaction=codec.transaction_to_proto(caller), budget_us=50_000
+                ),
                 timeout=10,
             )
         collector.read_until(lambda m: len(m) >= len(txns), timeout_s=60)

@@ -10,10 +10,14 @@ from workers.kafka.producer import RetryingProducer
 def test_a_full_local_queue_waits_for_room_instead_of_raising() -> None:
     # No broker at this address and room for one message: the second produce finds the queue
     # full (BufferError from the plain client) until the first times out and frees its slot.
-    producer = RetryingProducer({
-        "bootstrap.servers": "127.0.0.1:1", "queue.buffering.max.messages": 1, "message.timeout.ms": 200,
-        "log_level": 0,
-    })
+    producer = RetryingProducer(
+        {
+            "bootstrap.servers": "127.0.0.1:1",
+            "queue.buffering.max.messages": 1,
+            "message.timeout.ms": 200,
+            "log_level": 0,
+        }
+    )
     reports: list[tuple[KafkaError | None, bytes | None]] = []
 
     def on_delivery(error: KafkaError | None, message: Message) -> None:

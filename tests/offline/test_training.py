@@ -42,7 +42,11 @@ def test_split_follows_the_handbook_protocol(dataset: training.Dataset) -> None:
     first = PROTOCOL.day_index(PROTOCOL.train_start)
     assert days[dataset.split.train].min() == first and days[dataset.split.train].max() == first + 6
     assert days[dataset.split.test].min() == first + 14 and days[dataset.split.test].max() == first + 20
-    train_fraudsters = set(dataset.transactions["customer_id"].to_numpy()[dataset.split.train][dataset.transactions["is_fraud"].to_numpy()[dataset.split.train] == 1])
+    train_fraudsters = set(
+        dataset.transactions["customer_id"].to_numpy()[dataset.split.train][
+            dataset.transactions["is_fraud"].to_numpy()[dataset.split.train] == 1
+        ]
+    )
     assert train_fraudsters.isdisjoint(dataset.transactions["customer_id"].to_numpy()[dataset.split.test])
 
 
@@ -50,7 +54,9 @@ def test_split_follows_the_handbook_protocol(dataset: training.Dataset) -> None:
 def test_onnx_scores_equal_native_scores(name: str, dataset: training.Dataset, trained: Path) -> None:
     x_train = dataset.matrix[dataset.split.train]
     y_train = dataset.transactions["is_fraud"].to_numpy()[dataset.split.train]
-    native_model = training.train_lgbm(x_train, y_train, 3) if name == "lgbm" else training.train_mlp(x_train, y_train, 3)
+    native_model = (
+        training.train_lgbm(x_train, y_train, 3) if name == "lgbm" else training.train_mlp(x_train, y_train, 3)
+    )
     held_out = dataset.matrix[dataset.split.test]
     native = training.native_scores(native_model, held_out)
     session = ort.InferenceSession(str(trained / f"{name}-v2.onnx"), providers=["CPUExecutionProvider"])
@@ -111,7 +117,9 @@ def test_model_without_feature_metadata_is_refused(trained: Path, tmp_path: Path
 
 
 def test_lgbm_export_is_deterministic(dataset: training.Dataset, trained: Path, tmp_path: Path) -> None:
-    training.train_and_export(dataset, training.TrainConfig(seed=3, version=2, models=("lgbm",), out_dir=tmp_path, protocol=PROTOCOL))
+    training.train_and_export(
+        dataset, training.TrainConfig(seed=3, version=2, models=("lgbm",), out_dir=tmp_path, protocol=PROTOCOL)
+    )
     assert (tmp_path / "lgbm-v2.onnx").read_bytes() == (trained / "lgbm-v2.onnx").read_bytes()
 
 

@@ -73,7 +73,11 @@ async def serving(settings: Settings, reader) -> AsyncIterator[RunningService]:
 
 def transaction(txn_id: str = "t-1", customer_id: int = 1, amount: float = 20.0) -> fraud_pb2.Transaction:
     return fraud_pb2.Transaction(
-        transaction_id=txn_id, customer_id=customer_id, terminal_id=3, amount=amount, event_time_us=1_700_000_000_000_000
+        transaction_id=txn_id,
+        customer_id=customer_id,
+        terminal_id=3,
+        amount=amount,
+        event_time_us=1_700_000_000_000_000,
     )
 
 

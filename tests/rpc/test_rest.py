@@ -67,7 +67,9 @@ def test_rest_and_grpc_give_the_same_decision(tmp_path):
     via_grpc, via_rest, spec = scenario(tmp_path, requests, [as_body(r) for r in requests])
     for g, (status, body) in zip(via_grpc, via_rest):
         assert status == 200
-        expected = json_format.MessageToDict(g, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        expected = json_format.MessageToDict(
+            g, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
         for field in STABLE_FIELDS:
             assert body["decision"][field] == expected["decision"][field], field
     assert {b["decision"]["outcome"] for _, b in via_rest} == {"APPROVE", "REVIEW", "DECLINE"}

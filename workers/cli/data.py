@@ -83,7 +83,9 @@ def _train(args: argparse.Namespace) -> int:
     cards = training.train_and_export(dataset, config)
     timings["train_and_export_s"] = round(time.perf_counter() - started, 2)
     for card in cards:
-        print(f"{card['file']}: {card['metrics']} thresholds {card['thresholds']} onnx diff {card['onnx_max_abs_diff']:.1e}")
+        print(
+            f"{card['file']}: {card['metrics']} thresholds {card['thresholds']} onnx diff {card['onnx_max_abs_diff']:.1e}"
+        )
     print(timings)
     return 0
 
@@ -93,8 +95,12 @@ def _features_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="materialize every snapshot day, not just the latest")
 
 
-@command("features", "register the Feast repo and/or materialize the snapshots into the online store "
-         "(all: simulates the history first when no snapshots exist)", _features_args)
+@command(
+    "features",
+    "register the Feast repo and/or materialize the snapshots into the online store "
+    "(all: simulates the history first when no snapshots exist)",
+    _features_args,
+)
 def _features(args: argparse.Namespace) -> int:
     from workers.features import store as feast_store
     from workers.features.offline import snapshot_paths
@@ -102,8 +108,10 @@ def _features(args: argparse.Namespace) -> int:
     settings = load_settings()
     missing = [p for p in snapshot_paths(settings.feast.data_dir).values() if not p.exists()]
     if missing and args.action != "all":
-        print(f"no feature snapshots at {', '.join(map(str, missing))}: run `fraudscore simulate` first "
-              "(or `fraudscore features all`, which does)")
+        print(
+            f"no feature snapshots at {', '.join(map(str, missing))}: run `fraudscore simulate` first "
+            "(or `fraudscore features all`, which does)"
+        )
         return 2
     if missing:
         print("no feature snapshots yet: simulating the transaction history they come from ...", flush=True)

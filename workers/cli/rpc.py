@@ -31,7 +31,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench/grpc_bench.py (see --help)")
 
 
-@command("grpc-bench", "benchmark the gRPC stream: echo floor vs. the service, open-loop (bench/grpc_bench.py)", _bench_args)
+@command(
+    "grpc-bench", "benchmark the gRPC stream: echo floor vs. the service, open-loop (bench/grpc_bench.py)", _bench_args
+)
 def _grpc_bench(args: argparse.Namespace) -> int:
     import runpy
     import sys

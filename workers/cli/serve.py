@@ -14,8 +14,11 @@ log = logging.getLogger("fraudscore")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grpc", action="store_true",
-                   help="also serve gRPC (+ REST) from this process, on the same engine: callers come first")
+    p.add_argument(
+        "--grpc",
+        action="store_true",
+        help="also serve gRPC (+ REST) from this process, on the same engine: callers come first",
+    )
 
 
 @command("serve", "run the Kafka worker: transactions -> decisions (metrics on the metrics port)", _serve_args)
@@ -30,7 +33,9 @@ def _serve(args: argparse.Namespace) -> int:
     start_metrics_server(settings)
     engine = build_engine(settings)
     worker = KafkaWorker(
-        settings.kafka, engine, max_chunk_rows=settings.engine.max_batch_size,
+        settings.kafka,
+        engine,
+        max_chunk_rows=settings.engine.max_batch_size,
         budget_ms=settings.kafka.decision_budget_ms,
     )
     service = None

@@ -131,9 +131,7 @@ def fallback(
     else:
         amount = np.fromiter((t.amount for t in txns), dtype=np.float64, count=len(txns))
         mask = (amount >= LARGE_AMOUNT) * _BIT["LARGE_AMOUNT"]
-    corroborating = (
-        _BIT["AMOUNT_FAR_ABOVE_CUSTOMER_AVG"] | _BIT["RISKY_TERMINAL"] | _BIT["TRANSACTION_BURST"]
-    )
+    corroborating = _BIT["AMOUNT_FAR_ABOVE_CUSTOMER_AVG"] | _BIT["RISKY_TERMINAL"] | _BIT["TRANSACTION_BURST"]
     risky = (mask & corroborating) != 0
     large = amount >= LARGE_AMOUNT
     outcomes = np.full(amount.shape[0], Outcome.APPROVE, dtype=np.int8)

@@ -33,9 +33,7 @@ CUSTOMER_VIEW = "customer_spending"
 TERMINAL_VIEW = "terminal_risk"
 
 CUSTOMER_FEATURES = tuple(
-    name
-    for days in WINDOWS_DAYS
-    for name in (f"customer_nb_tx_{days}d", f"customer_avg_amount_{days}d")
+    name for days in WINDOWS_DAYS for name in (f"customer_nb_tx_{days}d", f"customer_avg_amount_{days}d")
 )
 TERMINAL_FEATURES = tuple(
     name for days in WINDOWS_DAYS for name in (f"terminal_nb_tx_{days}d", f"terminal_risk_{days}d")

@@ -43,7 +43,9 @@ class History:
         prefix = {name: np.concatenate([[0.0], np.cumsum(v[order], dtype=np.float64)]) for name, v in values.items()}
         return cls(entity_ids, keys[order], prefix, origin, span)
 
-    def window(self, entity: np.ndarray, start_us: np.ndarray, end_us: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def window(
+        self, entity: np.ndarray, start_us: np.ndarray, end_us: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Count and value sums over ``[start, end)`` per query; unknown entities get 0."""
         pos = np.searchsorted(self.entity_ids, entity)
         known = (pos < len(self.entity_ids)) & (self.entity_ids[np.minimum(pos, len(self.entity_ids) - 1)] == entity)
@@ -123,7 +125,9 @@ def transaction_features(transactions: pd.DataFrame) -> TransactionFeatures:
 
 def feature_frame(transactions: pd.DataFrame) -> pd.DataFrame:
     """The model matrix as a DataFrame with ``FEATURE_NAMES`` columns (for inspection)."""
-    return pd.DataFrame(transaction_features(transactions).matrix, columns=list(d.FEATURE_NAMES), index=transactions.index)
+    return pd.DataFrame(
+        transaction_features(transactions).matrix, columns=list(d.FEATURE_NAMES), index=transactions.index
+    )
 
 
 # --- daily snapshots for Feast ------------------------------------------------------------
@@ -152,19 +156,30 @@ def customer_snapshots(transactions: pd.DataFrame, times: np.ndarray) -> pd.Data
     """(event_timestamp, customer_id, CUSTOMER_FEATURES): what a reader sees at each time."""
     history = customer_history(transactions)
     return _snapshot(
-        history.entity_ids, times, d.CUSTOMER_JOIN_KEY, d.CUSTOMER_FEATURES, lambda e, t: customer_features(history, e, t)
+        history.entity_ids,
+        times,
+        d.CUSTOMER_JOIN_KEY,
+        d.CUSTOMER_FEATURES,
+        lambda e, t: customer_features(history, e, t),
     )
 
 
 def terminal_snapshots(transactions: pd.DataFrame, times: np.ndarray) -> pd.DataFrame:
     history = terminal_history(transactions)
     return _snapshot(
-        history.entity_ids, times, d.TERMINAL_JOIN_KEY, d.TERMINAL_FEATURES, lambda e, t: terminal_features(history, e, t)
+        history.entity_ids,
+        times,
+        d.TERMINAL_JOIN_KEY,
+        d.TERMINAL_FEATURES,
+        lambda e, t: terminal_features(history, e, t),
     )
 
 
 def snapshot_paths(data_dir: Path) -> dict[str, Path]:
-    return {d.CUSTOMER_VIEW: data_dir / f"{d.CUSTOMER_VIEW}.parquet", d.TERMINAL_VIEW: data_dir / f"{d.TERMINAL_VIEW}.parquet"}
+    return {
+        d.CUSTOMER_VIEW: data_dir / f"{d.CUSTOMER_VIEW}.parquet",
+        d.TERMINAL_VIEW: data_dir / f"{d.TERMINAL_VIEW}.parquet",
+    }
 
 
 def write_snapshots(transactions: pd.DataFrame, data_dir: Path, last_days: int | None = None) -> dict[str, Path]:

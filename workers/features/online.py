@@ -63,7 +63,9 @@ def _distinct(ids: np.ndarray) -> tuple[list[int], np.ndarray]:
 def _as_block(values: list, n_rows: int, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     """Row-major list of floats-or-None -> (float32 block with defaults, found per row)."""
     missing = np.fromiter((v is None for v in values), dtype=bool, count=len(values)).reshape(n_rows, n_features)
-    block = np.array([d.ENTITY_DEFAULT if v is None else v for v in values], dtype=np.float32).reshape(n_rows, n_features)
+    block = np.array([d.ENTITY_DEFAULT if v is None else v for v in values], dtype=np.float32).reshape(
+        n_rows, n_features
+    )
     return block, np.logical_not(missing.all(axis=1))
 
 
@@ -74,7 +76,9 @@ class FeastSdkReader:
     def __init__(self, settings: Settings, store=None) -> None:
         from workers.features.store import feature_store
 
-        self._store = store if store is not None else feature_store(settings, read_timeout_s=settings.redis.timeout_ms / 1000)
+        self._store = (
+            store if store is not None else feature_store(settings, read_timeout_s=settings.redis.timeout_ms / 1000)
+        )
         self._redis = _redis_client(self._store)  # None on the embedded SQLite store: no watermark there
         self._watermark_key = watermark.key(settings.feast.project)
         self._refs = [f"{d.CUSTOMER_VIEW}:{f}" for f in d.CUSTOMER_FEATURES] + [
@@ -198,7 +202,9 @@ class LeanRedisReader:
             if len(self._keys) >= self._KEY_CACHE_LIMIT:
                 self._keys.clear()
             entity = self._entity_key(join_keys=[join_key], entity_values=[self._value(int64_val=entity_id)])
-            cached = self._redis_key(self._project, entity, entity_key_serialization_version=self._serialization_version)
+            cached = self._redis_key(
+                self._project, entity, entity_key_serialization_version=self._serialization_version
+            )
             self._keys[(join_key, entity_id)] = cached
         return cached
 
@@ -209,10 +215,17 @@ class LeanRedisReader:
         keys += [self._key(d.TERMINAL_JOIN_KEY, t) for t in terminals]
         values, present = self._fetch(keys, len(customers))
         n_customer_cells = len(customers) * len(d.CUSTOMER_FEATURES)
-        customer, customer_found = _block(values[:n_customer_cells], present[:n_customer_cells], len(d.CUSTOMER_FEATURES))
-        terminal, terminal_found = _block(values[n_customer_cells:], present[n_customer_cells:], len(d.TERMINAL_FEATURES))
+        customer, customer_found = _block(
+            values[:n_customer_cells], present[:n_customer_cells], len(d.CUSTOMER_FEATURES)
+        )
+        terminal, terminal_found = _block(
+            values[n_customer_cells:], present[n_customer_cells:], len(d.TERMINAL_FEATURES)
+        )
         return EntityFeatures(
-            customer[customer_rows], terminal[terminal_rows], customer_found[customer_rows], terminal_found[terminal_rows]
+            customer[customer_rows],
+            terminal[terminal_rows],
+            customer_found[customer_rows],
+            terminal_found[terminal_rows],
         )
 
     def check(self) -> None:
@@ -275,7 +288,7 @@ class LeanRedisReader:
         # Plain EVALSHA: redis-py's Script object would send SCRIPT EXISTS first, a second
         # round trip per batch (measured: it dominated 1-row gRPC reads).
         if len(calls) == 1:
-            (keys, argv), = calls
+            ((keys, argv),) = calls
             return [self._command("EVALSHA", self._script_sha, len(keys), *keys, *argv)]
         with self._client.pipeline(transaction=False) as pipe:
             for keys, argv in calls:

@@ -63,6 +63,7 @@ end
 return {table.concat(parts), odd, loaded}
 """
 
+
 def script_sha() -> str:
     """The SHA1 Redis knows the script by (EVALSHA), computed locally: no round trip."""
     import hashlib
@@ -95,8 +96,13 @@ class FixedWidthReply:
         self.odd = {**odd, **{i: raw[i * VALUE_WIDTH : (i + 1) * VALUE_WIDTH] for i in other_type}}
 
 
-def script_calls(keys: Sequence[bytes], n_first: int, first_fields: Sequence[bytes],
-                 second_fields: Sequence[bytes], watermark_key: bytes) -> list[tuple[list[bytes], list]]:
+def script_calls(
+    keys: Sequence[bytes],
+    n_first: int,
+    first_fields: Sequence[bytes],
+    second_fields: Sequence[bytes],
+    watermark_key: bytes,
+) -> list[tuple[list[bytes], list]]:
     """Splits one read into script calls of at most KEYS_PER_CALL hashes: (keys, argv) each,
     every call's keys led by the watermark."""
     calls = []
@@ -113,8 +119,9 @@ def watermark_seen(replies: Sequence[list]) -> bool:
     return all(reply[2] == 1 for reply in replies)
 
 
-def merge_replies(replies: Sequence[list], calls: Sequence[tuple[list[bytes], list]],
-                  n_first_fields: int, n_second_fields: int) -> FixedWidthReply:
+def merge_replies(
+    replies: Sequence[list], calls: Sequence[tuple[list[bytes], list]], n_first_fields: int, n_second_fields: int
+) -> FixedWidthReply:
     """Joins the per-call replies into one FixedWidthReply with global positions."""
     blobs, odd, offset = [], {}, 0
     for (blob, odd_flat, _), (call_keys, argv) in zip(replies, calls):

@@ -61,14 +61,23 @@ class RepoObjects:
     terminal_view: FeatureView
 
     def all(self) -> list:
-        return [self.customer, self.terminal, self.customer_push, self.terminal_push, self.customer_view, self.terminal_view]
+        return [
+            self.customer,
+            self.terminal,
+            self.customer_push,
+            self.terminal_push,
+            self.customer_view,
+            self.terminal_view,
+        ]
 
 
 def push_source_name(view: str) -> str:
     return f"{view}_push"
 
 
-def _view(name: str, entity: Entity, join_key: str, features: tuple[str, ...], path: Path) -> tuple[PushSource, FeatureView]:
+def _view(
+    name: str, entity: Entity, join_key: str, features: tuple[str, ...], path: Path
+) -> tuple[PushSource, FeatureView]:
     batch = FileSource(name=f"{name}_snapshots", path=str(path), timestamp_field="event_timestamp")
     # The view reads from the push source: a stream job can push fresh values, and
     # materialization still loads from the push source's batch source (the snapshots).
@@ -91,8 +100,12 @@ def repo_objects(snapshots_dir: Path) -> RepoObjects:
     paths = snapshot_paths(Path(snapshots_dir).resolve())
     customer = Entity(name=d.CUSTOMER_ENTITY, join_keys=[d.CUSTOMER_JOIN_KEY], value_type=ValueType.INT64)
     terminal = Entity(name=d.TERMINAL_ENTITY, join_keys=[d.TERMINAL_JOIN_KEY], value_type=ValueType.INT64)
-    customer_push, customer_view = _view(d.CUSTOMER_VIEW, customer, d.CUSTOMER_JOIN_KEY, d.CUSTOMER_FEATURES, paths[d.CUSTOMER_VIEW])
-    terminal_push, terminal_view = _view(d.TERMINAL_VIEW, terminal, d.TERMINAL_JOIN_KEY, d.TERMINAL_FEATURES, paths[d.TERMINAL_VIEW])
+    customer_push, customer_view = _view(
+        d.CUSTOMER_VIEW, customer, d.CUSTOMER_JOIN_KEY, d.CUSTOMER_FEATURES, paths[d.CUSTOMER_VIEW]
+    )
+    terminal_push, terminal_view = _view(
+        d.TERMINAL_VIEW, terminal, d.TERMINAL_JOIN_KEY, d.TERMINAL_FEATURES, paths[d.TERMINAL_VIEW]
+    )
     return RepoObjects(customer, terminal, customer_push, terminal_push, customer_view, terminal_view)
 
 

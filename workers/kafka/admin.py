@@ -36,7 +36,9 @@ def ensure_topics(kafka: KafkaSettings, topics: dict[str, int], timeout_s: float
     """Creates the missing topics (name -> partitions); returns the names it created."""
     admin = admin_client(kafka)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
-    missing = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing]
+    missing = [
+        NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing
+    ]
     if not missing:
         return []
     for _name, future in admin.create_topics(missing, operation_timeout=timeout_s).items():

@@ -48,5 +48,6 @@ class DemoProducer:
             self._produce(txn_id, value)
 
     def _produce(self, key: str, value: bytes) -> None:
-        self._producer.produce(self._kafka.transactions_topic, key=key, value=value,
-                               headers=[("content-type", self._content_type)])
+        self._producer.produce(
+            self._kafka.transactions_topic, key=key, value=value, headers=[("content-type", self._content_type)]
+        )

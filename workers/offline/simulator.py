@@ -82,7 +82,9 @@ def make_population(config: SimulatorConfig, rng: np.random.Generator) -> Popula
     return Population(mean_amount, mean_amount / 2, mean_daily_tx, offsets, terminals)
 
 
-def _terminals_in_reach(customer_xy: np.ndarray, terminal_xy: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+def _terminals_in_reach(
+    customer_xy: np.ndarray, terminal_xy: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
     from scipy.spatial import cKDTree
 
     neighbours = cKDTree(terminal_xy).query_ball_point(customer_xy, r=radius, return_sorted=True)
@@ -167,7 +169,9 @@ def _inject_frauds(frame: pd.DataFrame, config: SimulatorConfig, rng: np.random.
     frame["fraud_scenario"] = scenario
 
 
-def _compromise_schedule(n_entities: int, n_days: int, per_day: int, duration: int, rng: np.random.Generator) -> list[tuple[np.ndarray, int, int]]:
+def _compromise_schedule(
+    n_entities: int, n_days: int, per_day: int, duration: int, rng: np.random.Generator
+) -> list[tuple[np.ndarray, int, int]]:
     """Per day, the entities compromised from that day for ``duration`` days."""
     return [(rng.choice(n_entities, size=per_day, replace=False), d, d + duration) for d in range(n_days)]
 

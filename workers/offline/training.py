@@ -206,7 +206,10 @@ def lgbm_to_onnx(model):
     from onnxmltools.convert.common.data_types import FloatTensorType
 
     converted = onnxmltools.convert_lightgbm(
-        model, initial_types=[(d.MODEL_INPUT_NAME, FloatTensorType([None, d.N_FEATURES]))], zipmap=False, target_opset=15
+        model,
+        initial_types=[(d.MODEL_INPUT_NAME, FloatTensorType([None, d.N_FEATURES]))],
+        zipmap=False,
+        target_opset=15,
     )
     _round_thresholds_down(converted, model.booster_)
     graph = converted.graph
@@ -322,7 +325,9 @@ def onnx_scores(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    return session.run([d.MODEL_OUTPUT_NAME], {d.MODEL_INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0].reshape(-1)
+    return session.run([d.MODEL_OUTPUT_NAME], {d.MODEL_INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[
+        0
+    ].reshape(-1)
 
 
 # --- model contract (cheap: onnxruntime only) -----------------------------------------
@@ -429,7 +434,10 @@ def _card(name, config, data, model, native, exported, threshold_info, path, tra
         "file": path.name,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "size_bytes": path.stat().st_size,
-        "interface": {"input": f"{d.MODEL_INPUT_NAME} float32 [None, {d.N_FEATURES}]", "output": f"{d.MODEL_OUTPUT_NAME} float32 [None]"},
+        "interface": {
+            "input": f"{d.MODEL_INPUT_NAME} float32 [None, {d.N_FEATURES}]",
+            "output": f"{d.MODEL_OUTPUT_NAME} float32 [None]",
+        },
         "gpu_clean": name == "mlp",
         "data_window": {
             "dataset": [_date_of(times.min()), _date_of(times.max())],
@@ -478,21 +486,21 @@ def _write_card(card: dict[str, Any], model_path: Path) -> None:
 
 def _card_markdown(card: dict[str, Any]) -> str:
     m, w, t = card["metrics"], card["data_window"], card["thresholds"]
-    return f"""# {card['model_name']} v{card['model_version']}
+    return f"""# {card["model_name"]} v{card["model_version"]}
 
-`{card['file']}` ({card['size_bytes'] / 1e6:.2f} MB), input `{card['interface']['input']}`, output
-`{card['interface']['output']}`. GPU-clean (default ONNX domain only): {card['gpu_clean']}.
+`{card["file"]}` ({card["size_bytes"] / 1e6:.2f} MB), input `{card["interface"]["input"]}`, output
+`{card["interface"]["output"]}`. GPU-clean (default ONNX domain only): {card["gpu_clean"]}.
 
-- Data: simulated transactions {w['dataset'][0]} .. {w['dataset'][1]} (seed {card['seed']});
-  train {w['train'][0]} .. {w['train'][1]} ({card['training_rows']} rows, {card['training_frauds']} frauds),
-  {w['delay_days']}-day delay, test {w['test'][0]} .. {w['test'][1]} ({card['test_rows']} rows, known-compromised cards removed).
-- Test metrics: AUC ROC {m['auc_roc']}, average precision {m['average_precision']},
-  card precision@100 {m['card_precision_at_100']}.
-- Thresholds: review >= {t['review']:.4f} (precision {card['at_review']['precision']}, recall {card['at_review']['recall']},
-  {card['at_review']['alert_rate']:.2%} of transactions), decline >= {t['decline']:.4f} (precision
-  {card['at_decline']['precision']}, recall {card['at_decline']['recall']}, {card['at_decline']['alert_rate']:.2%} of transactions).
-  Policy: {card['policy']}.
-- ONNX vs native max |score difference| on the test week: {card['onnx_max_abs_diff']:.2e}.
-- Features ({len(card['features'])}, in order): {', '.join(card['features'])}.
-- Regenerate: `{card['regenerate']}`.
+- Data: simulated transactions {w["dataset"][0]} .. {w["dataset"][1]} (seed {card["seed"]});
+  train {w["train"][0]} .. {w["train"][1]} ({card["training_rows"]} rows, {card["training_frauds"]} frauds),
+  {w["delay_days"]}-day delay, test {w["test"][0]} .. {w["test"][1]} ({card["test_rows"]} rows, known-compromised cards removed).
+- Test metrics: AUC ROC {m["auc_roc"]}, average precision {m["average_precision"]},
+  card precision@100 {m["card_precision_at_100"]}.
+- Thresholds: review >= {t["review"]:.4f} (precision {card["at_review"]["precision"]}, recall {card["at_review"]["recall"]},
+  {card["at_review"]["alert_rate"]:.2%} of transactions), decline >= {t["decline"]:.4f} (precision
+  {card["at_decline"]["precision"]}, recall {card["at_decline"]["recall"]}, {card["at_decline"]["alert_rate"]:.2%} of transactions).
+  Policy: {card["policy"]}.
+- ONNX vs native max |score difference| on the test week: {card["onnx_max_abs_diff"]:.2e}.
+- Features ({len(card["features"])}, in order): {", ".join(card["features"])}.
+- Regenerate: `{card["regenerate"]}`.
 """

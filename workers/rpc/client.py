@@ -86,7 +86,9 @@ class ScoringClient:
         response = await self.score_raw(transaction_to_proto(txn), budget_ms)
         return decision_from_proto(response.decision)
 
-    async def score_raw(self, transaction: fraud_pb2.Transaction, budget_ms: float | None = None) -> fraud_pb2.ScoreResponse:
+    async def score_raw(
+        self, transaction: fraud_pb2.Transaction, budget_ms: float | None = None
+    ) -> fraud_pb2.ScoreResponse:
         stream = await self._ensure_stream()
         request_id = str(next(self._ids))
         budget_us = 0 if budget_ms is None else max(1, int(budget_ms * 1000))

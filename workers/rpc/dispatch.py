@@ -87,7 +87,9 @@ class Admission:
         if not timing.device or busy_us <= 0:  # a fallback batch says nothing about model speed
             return
         speed = timing.batch_rows * 1e6 / busy_us
-        self.rows_per_s = speed if not self.rows_per_s else self.rows_per_s + SPEED_EWMA_ALPHA * (speed - self.rows_per_s)
+        self.rows_per_s = (
+            speed if not self.rows_per_s else self.rows_per_s + SPEED_EWMA_ALPHA * (speed - self.rows_per_s)
+        )
 
 
 class MethodMetrics:

@@ -149,7 +149,9 @@ def _child_main(settings: Settings, index: int) -> None:
     """One server process. ``settings`` arrives pickled, not as JSON: JSON masks the secrets."""
     from workers.metrics import start_metrics_server
 
-    logging.basicConfig(level=settings.log_level, format=f"%(asctime)s %(levelname)s [grpc-{index}] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format=f"%(asctime)s %(levelname)s [grpc-{index}] %(name)s: %(message)s"
+    )
     # Each process has its own registry on grpc_port + index (prometheus multiprocess mode
     # would need a shared directory and loses histograms' per-process view); the Kafka
     # worker keeps metrics.port, so both run side by side with one settings object.
@@ -217,9 +219,7 @@ def run(settings: Settings) -> int:
         _child_main(settings, 0)
         return 0
     context = multiprocessing.get_context("spawn")
-    children = [
-        context.Process(target=_child_main, args=(settings, i), name=f"grpc-{i}") for i in range(count)
-    ]
+    children = [context.Process(target=_child_main, args=(settings, i), name=f"grpc-{i}") for i in range(count)]
     for child in children:
         child.start()
 

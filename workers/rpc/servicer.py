@@ -61,7 +61,9 @@ class FraudScoringServicer(fraud_pb2_grpc.FraudScoringServicer):
         for session in list(self._sessions):
             session.stop_reading()
 
-    async def Score(self, request: fraud_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> fraud_pb2.ScoreResponse:
+    async def Score(
+        self, request: fraud_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> fraud_pb2.ScoreResponse:
         return await self._answer(request, self._score)
 
     async def ScoreBatch(
@@ -112,7 +114,9 @@ class StreamSession:
         self._reading_done = False
         self._reader: asyncio.Task | None = None
 
-    async def run(self, request_iterator: AsyncIterator[fraud_pb2.ScoreRequest], context: grpc.aio.ServicerContext) -> None:
+    async def run(
+        self, request_iterator: AsyncIterator[fraud_pb2.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> None:
         reader = self._reader = asyncio.create_task(self._read(request_iterator))
         try:
             await self._write(context)
