@@ -60,11 +60,12 @@ run_tests() {
   # developer's) are reused and left running, as the README promises.
   local started
   started=$(stack down-services)
-  stack up
   if [ -n "$started" ]; then
+    # Set before `up`, so a start that fails half-way still stops what it started.
     # shellcheck disable=SC2064  # the list is fixed now, on purpose
     trap "PYTHON='$PY' bash '$ROOT/scripts/stack.sh' down $started || true" EXIT
   fi
+  stack up
   "$PY" -m pytest "$@"
 }
 

@@ -95,7 +95,7 @@ wait_until_ready(load_settings().kafka, timeout_s=90)"; then
 }
 
 create_topics() {
-  "$PY" -m workers.cli topics >&2
+  "$PY" -m workers topics >&2
 }
 
 stop_pidfile() {

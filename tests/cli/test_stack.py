@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 
-from workers.settings import KafkaSettings
+from workers.settings import REPO_ROOT, KafkaSettings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
@@ -51,3 +54,20 @@ def test_redis_write_then_read(redis_url: str) -> None:
         assert client.info("persistence")["aof_enabled"] == 0
     finally:
         client.delete(key)
+
+
+def test_stack_names_only_the_services_a_start_would_start(local_stack) -> None:
+    """`dev.sh test` stops at its end only what `stack.sh down-services` named before `up`:
+    services already answering (a demo's stack, a developer's) are reused and left running."""
+
+    def down_services(**env: str) -> str:
+        command = ["bash", str(REPO_ROOT / "scripts" / "stack.sh"), "down-services"]
+        run = subprocess.run(
+            command, env={**os.environ, "PYTHON": sys.executable, **env}, capture_output=True, text=True, check=True
+        )
+        return run.stdout.strip()
+
+    assert down_services() == "", "the running stack is reused, so nothing would be stopped"
+    closed = {"FRAUDSCORE_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1", "FRAUDSCORE_REDIS__URL": "redis://127.0.0.1:2/0"}
+    assert down_services(**closed).split() == ["kafka", "redis"]
+    assert down_services(FRAUDSCORE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1") == "kafka"

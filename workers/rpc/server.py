@@ -10,6 +10,7 @@ Spawned, not forked: grpc's core threads do not survive ``fork``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import signal
@@ -88,7 +89,7 @@ class RunningService:
             await self.rest_task
         if stop_engine:
             # Nothing can reach the engine any more; stop it off the loop (it joins threads).
-            await asyncio.to_thread(self.engine.stop, True)
+            await asyncio.to_thread(functools.partial(self.engine.stop, drain=True))
 
 
 async def start_service(settings: Settings, engine: ScoringEngine) -> RunningService:
