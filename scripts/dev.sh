@@ -66,6 +66,9 @@ run_tests() {
     trap "PYTHON='$PY' bash '$ROOT/scripts/stack.sh' down $started || true" EXIT
   fi
   stack up
+  # Go tools the tests run (built once into .tools/; minutes on a fresh machine, so not
+  # inside a test's time limit).
+  bash "$ROOT/scripts/tools.sh" jaeger >/dev/null
   "$PY" -m pytest "$@"
 }
 

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from tests.jaeger import Jaeger, running_jaeger
 from workers.settings import REPO_ROOT, KafkaSettings, Settings, load_settings
 
 STACK_SCRIPT = REPO_ROOT / "scripts" / "stack.sh"
@@ -69,3 +70,10 @@ def kafka_topics(local_stack: Settings, request: pytest.FixtureRequest) -> Itera
     ensure_topics(kafka, topics)
     yield kafka
     delete_topics(kafka, list(topics))
+
+
+@pytest.fixture(scope="session")
+def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
+    """A real Jaeger (OTLP in, query API out), one for the session."""
+    with running_jaeger(tmp_path_factory.mktemp("jaeger")) as running:
+        yield running

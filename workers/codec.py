@@ -187,6 +187,7 @@ class DecisionMessage(msgspec.Struct, omit_defaults=True):
     degraded: bool = False
     degraded_cause: str = ""
     degraded_detail: str = ""
+    traceparent: str = ""
 
 
 _OUTCOME_NAMES = {o: o.name for o in Outcome}
@@ -207,6 +208,7 @@ def encode_decision_json(decision: Decision) -> bytes:
             degraded=decision.degraded,
             degraded_cause=_CAUSE_NAMES[decision.degraded_cause],
             degraded_detail=decision.degraded_detail,
+            traceparent=decision.traceparent,
         )
     )
 
@@ -224,6 +226,7 @@ def decision_to_proto(decision: Decision) -> fraud_pb2.Decision:
         event_time_us=decision.event_time_us,
         decided_at_us=decision.decided_at_us,
         timing=fraud_pb2.Timing(device=decision.device),
+        traceparent=decision.traceparent,
     )
 
 
@@ -240,6 +243,7 @@ def decision_from_proto(message: fraud_pb2.Decision) -> Decision:
         event_time_us=message.event_time_us,
         decided_at_us=message.decided_at_us,
         device=message.timing.device,
+        traceparent=message.traceparent,
     )
 
 

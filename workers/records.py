@@ -76,6 +76,8 @@ class Decision(msgspec.Struct, gc=False):
     event_time_us: int = 0
     decided_at_us: int = 0
     device: str = ""
+    # W3C traceparent of this decision's span when it was traced (workers/tracing.py), else "".
+    traceparent: str = ""
 
 
 def transaction_json_schema() -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr
@@ -140,6 +140,18 @@ class GrpcSettings(BaseModel):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces of decisions (``workers/tracing.py``), exported over OTLP/gRPC."""
+
+    enabled: bool = False
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    otlp_insecure: bool = True
+    # Head sampling for transactions whose caller sent no traceparent (a caller's sampled flag
+    # always wins): the share traced. Degraded decisions are kept anyway with keep_degraded.
+    sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    keep_degraded: bool = True
+
+
 class MetricsSettings(BaseModel):
     # Bound like the gRPC/REST listeners: loopback by default; 0.0.0.0 to be scraped from afar.
     host: str = "127.0.0.1"
@@ -162,6 +174,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     log_level: str = "INFO"
 
     @classmethod

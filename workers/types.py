@@ -36,6 +36,8 @@ class BatchTiming:
     total_us: int = 0  # enqueue -> callback
     device: str = ""  # pool device that scored; "" when the rules fallback decided
     batch_rows: int = 0
+    batch_id: int = 0  # the engine batch that answered (per process, from 1); 0: none
+    dequeued_ns: int = 0  # time.monotonic_ns when the batch left the queue (its stages follow)
 
 
 DoneCallback = Callable[[list[Decision], BatchTiming], None]

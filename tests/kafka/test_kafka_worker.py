@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from workers.offline.simulator import LiveStream, SimulatorConfig
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.records import Transaction
 from workers.settings import REPO_ROOT, KafkaSettings, Settings, load_settings
+from workers.types import BatchTiming
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
@@ -445,7 +447,7 @@ class _UnencodableDecisions:
         for txn, decision in zip(txns, decisions):
             if txn.customer_id == 666:
                 decision.transaction_id += "\ud800"
-        on_done(decisions, None)
+        on_done(decisions, BatchTiming())
         return True
 
 
@@ -553,3 +555,58 @@ def test_cpu_priority_idle_puts_the_worker_in_sched_idle(
         collector.close()
     assert policies == {os.SCHED_IDLE}, "every thread of the worker, librdkafka's and the engine's included"
     assert decided_ids(collector.messages) == {t.transaction_id for t in txns}
+
+
+def test_a_traced_event_has_its_stage_spans_in_jaeger_and_its_decision_carries_the_trace(
+    kafka_topics: KafkaSettings, features: Settings, tmp_path: Path, jaeger
+) -> None:
+    """Tracing on with head sampling at 0: only the event whose producer sent a sampled
+    traceparent is traced; its decision carries the trace onward, and the collector holds
+    every stage span under the caller's trace."""
+    caller_trace = uuid.uuid4().hex
+    traceparent = f"00-{caller_trace}-{uuid.uuid4().hex[:16]}-01"
+    plain, traced = _live(5, seed=21), _live(1, seed=22)[0]
+    produce_transactions(kafka_topics, plain)
+    producer = Producer({"bootstrap.servers": kafka_topics.bootstrap_servers})
+    producer.produce(
+        kafka_topics.transactions_topic,
+        key=traced.transaction_id,
+        value=codec.encode_transaction_json(traced),
+        headers=[("content-type", codec.JSON_CONTENT_TYPE), ("traceparent", traceparent)],
+    )
+    assert producer.flush(10) == 0
+    env = worker_env(
+        kafka_topics,
+        _feast_env(features),
+        FRAUDSCORE_TRACING__ENABLED="true",
+        FRAUDSCORE_TRACING__OTLP_ENDPOINT=jaeger.otlp_endpoint,
+        FRAUDSCORE_TRACING__SAMPLE_RATIO="0",
+    )
+    decisions = Collector(kafka_topics, kafka_topics.decisions_topic)
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        decisions.read_until(lambda m: len(m) >= 6, timeout_s=60)
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]  # SIGTERM flushes the spans
+    carried = {m.key().decode(): dict(m.headers()).get("traceparent") for m in decisions.messages}
+    assert set(carried) == {t.transaction_id for t in [*plain, traced]}
+    assert all(carried[t.transaction_id] is None for t in plain), "not sampled, not degraded: not traced"
+    decision_traceparent = carried[traced.transaction_id].decode()
+    assert decision_traceparent.split("-")[1] == caller_trace, "the decision continues the caller's trace"
+    spans = jaeger.trace(caller_trace, spans_at_least=7)
+    names = {span["operationName"] for span in spans}
+    assert {"fraudscore.decision", "receive", "queue", "enrich", "score", "decide", "produce"} <= names
+    root = next(span for span in spans if span["operationName"] == "fraudscore.decision")
+    assert root["spanID"] == decision_traceparent.split("-")[2]
+    tags = {tag["key"]: tag["value"] for tag in root["tags"]}
+    assert tags["fraudscore.transaction_id"] == traced.transaction_id
+    stage_parents = {
+        span["operationName"]: span["references"][0]["spanID"]
+        for span in spans
+        if span["operationName"] in ("queue", "enrich", "score", "decide", "produce")
+    }
+    assert set(stage_parents.values()) == {root["spanID"]}, "every stage is a child of the decision span"
+    enrich = next(span for span in spans if span["operationName"] == "enrich")
+    assert any(ref["refType"] == "FOLLOWS_FROM" or ref["traceID"] != caller_trace for ref in enrich["references"]), (
+        "the batch's stages link to the batch span"
+    )

@@ -29,14 +29,17 @@ def _serve(args: argparse.Namespace) -> int:
     from workers.app import build_engine
     from workers.kafka.worker import KafkaWorker
     from workers.metrics import start_metrics_server
+    from workers.tracing import from_settings
 
     start_metrics_server(settings)
     engine = build_engine(settings)
+    tracing = from_settings(settings.tracing, "fraudscore-worker")
     worker = KafkaWorker(
         settings.kafka,
         engine,
         max_chunk_rows=settings.engine.max_batch_size,
         budget_ms=settings.kafka.decision_budget_ms,
+        tracing=tracing,
     )
     service = None
     if args.grpc:
@@ -53,6 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
         if service is not None:
             service.stop()
         engine.stop(drain=True)
+        if tracing is not None:
+            tracing.shutdown()
     return 0
 
 

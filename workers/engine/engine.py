@@ -16,6 +16,7 @@ watermark) gives FEATURES_LOST ones, without features, since its "not found" is 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -76,6 +77,7 @@ class ScoringEngine:
         probe = getattr(reader, "check", None) or (lambda: reader.read(_PROBE_IDS, _PROBE_IDS))
         self._probe = StoreProbe(self.store, probe, settings.store_probe_interval_s)
         self._warnings = RateLimitedLog(log, _WARNING_INTERVAL_S)
+        self._batch_ids = itertools.count(1)  # next() is atomic under the GIL: executors share it
 
     @classmethod
     def from_settings(cls, settings: Settings, reader: FeatureReader, *, executors: int | None = None) -> ScoringEngine:
@@ -338,6 +340,7 @@ class ScoringEngine:
         inference_us = int(stages.inference_s * 1e6)
         decide_us = int(stages.decide_s * 1e6)
         rows = len(decisions)
+        batch_id = next(self._batch_ids)
         start = 0
         for request in requests:
             end = start + len(request.txns)
@@ -354,6 +357,8 @@ class ScoringEngine:
                 total_us=total_us,
                 device=stages.device,
                 batch_rows=rows,
+                batch_id=batch_id,
+                dequeued_ns=dequeued_ns,
             )
             try:
                 request.on_done(mine, timing)

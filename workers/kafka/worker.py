@@ -27,6 +27,7 @@ from collections import deque
 from typing import cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from opentelemetry.trace import SpanKind
 
 from workers import codec, metrics
 from workers.kafka.config import consumer_config, producer_config
@@ -35,6 +36,7 @@ from workers.kafka.producer import DeliveryCallback, Headers, RetryingProducer
 from workers.logs import RateLimitedLog
 from workers.records import Decision, Transaction
 from workers.settings import KafkaSettings
+from workers.tracing import Tracing
 from workers.types import BatchTiming, DoneCallback, Engine, Priority
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,14 @@ _WARN_INTERVAL_S = 10.0
 
 
 class KafkaWorker:
-    def __init__(self, kafka: KafkaSettings, engine: Engine, max_chunk_rows: int, budget_ms: float) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        engine: Engine,
+        max_chunk_rows: int,
+        budget_ms: float,
+        tracing: Tracing | None = None,
+    ) -> None:
         self._kafka = kafka
         self._engine = engine
         self._max_chunk_rows = max_chunk_rows
@@ -70,6 +79,7 @@ class KafkaWorker:
         self._warn = RateLimitedLog(log, _WARN_INTERVAL_S)
         self._decided_lock = threading.Lock()
         self.decided = 0  # decisions handed to the producer, for logs and tests
+        self._tracing = tracing
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -158,7 +168,7 @@ class KafkaWorker:
         (measured: pausing at each full queue cut a drain from ~67k to ~12k events/s)."""
         while self._backlog:
             chunk, txns, sources, received_ns = self._backlog[0]
-            on_done = self._decision_callback(chunk, sources)
+            on_done = self._decision_callback(chunk, sources, received_ns)
             if not self._engine.submit(txns, received_ns + self._budget_ns, Priority.STREAM, on_done):
                 self._blocked_since = self._blocked_since or time.monotonic()
                 if time.monotonic() - self._blocked_since > _PAUSE_AFTER_S:
@@ -180,9 +190,12 @@ class KafkaWorker:
 
     # --- engine -> decisions topic -------------------------------------------------------
 
-    def _decision_callback(self, chunk: Chunk, sources: list[Message]) -> DoneCallback:
-        def on_decided(decisions: list[Decision], _timing: BatchTiming | None = None) -> None:
-            self._produce_decisions(chunk, sources, decisions)
+    def _decision_callback(self, chunk: Chunk, sources: list[Message], received_ns: int) -> DoneCallback:
+        def on_decided(decisions: list[Decision], timing: BatchTiming) -> None:
+            if self._tracing is None:
+                self._produce_decisions(chunk, sources, decisions)
+            else:
+                self._produce_traced(chunk, sources, decisions, timing, received_ns, self._tracing)
 
         return on_decided
 
@@ -209,8 +222,48 @@ class KafkaWorker:
             # Inside a transaction, "done" means "in the transaction": the commit makes it durable.
             self._tracker.ack(chunk, len(produced))
 
+    def _produce_traced(
+        self,
+        chunk: Chunk,
+        sources: list[Message],
+        decisions: list[Decision],
+        timing: BatchTiming,
+        received_ns: int,
+        tracing: Tracing,
+    ) -> None:
+        """``_produce_decisions`` with traces: the traced decisions (sampled or degraded, see
+        ``workers/tracing.py``) carry their ``traceparent`` (a header, and in the record), and
+        their spans are written once the batch's records are handed to the producer."""
+        chosen = [
+            tracing.choose(_header(source, "traceparent"), decision.degraded)
+            for source, decision in zip(sources, decisions)
+        ]
+        for decision, traced in zip(decisions, chosen):
+            if traced is not None:
+                decision.traceparent = traced.traceparent
+        started_ns = time.monotonic_ns()
+        self._produce_decisions(chunk, sources, decisions)
+        ended_ns = time.monotonic_ns()
+        for decision, traced in zip(decisions, chosen):
+            if traced is not None:
+                tracing.record(
+                    traced,
+                    decision,
+                    timing,
+                    kind=SpanKind.CONSUMER,
+                    received_ns=received_ns,
+                    sink="produce",
+                    sink_started_ns=started_ns,
+                    sink_ended_ns=ended_ns,
+                )
+
     def _produce_decision(self, chunk: Chunk, source: Message, decision: Decision) -> None:
-        headers: Headers = [("model-version", decision.model_version), ("content-type", self._decision_content_type)]
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("model-version", decision.model_version),
+            ("content-type", self._decision_content_type),
+        ]
+        if decision.traceparent:
+            headers.append(("traceparent", decision.traceparent))
         on_delivery = functools.partial(self._on_decision_delivery, chunk, source)
         self._produce(
             self._kafka.decisions_topic, decision.transaction_id, self._encode_decision(decision), headers, on_delivery
@@ -377,6 +430,16 @@ def _position(message: Message) -> tuple[str, int, int]:
     """(topic, partition, offset) of a consumed message. The client's types allow None for
     each (a message that carries only an error has none); a consumed record has all three."""
     return cast(str, message.topic()), cast(int, message.partition()), cast(int, message.offset())
+
+
+def _header(message: Message, name: str) -> str | bytes | None:
+    """One header's value (the first), or None; header bytes the client cannot read count as absent."""
+    try:
+        headers = message.headers()
+    except Exception:
+        return None
+    pairs = headers.items() if isinstance(headers, dict) else headers or ()
+    return next((value for key, value in pairs if key == name), None)
 
 
 def _content_type(message: Message) -> str | None:

@@ -66,7 +66,7 @@ class Timing(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., enrich_us: _Optional[int] = ..., inference_us: _Optional[int] = ..., decide_us: _Optional[int] = ..., total_us: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("transaction_id", "outcome", "score", "reason_codes", "model_version", "degraded", "degraded_cause", "degraded_detail", "timing", "event_time_us", "decided_at_us")
+    __slots__ = ("transaction_id", "outcome", "score", "reason_codes", "model_version", "degraded", "degraded_cause", "degraded_detail", "timing", "event_time_us", "decided_at_us", "traceparent")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class Decision(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     EVENT_TIME_US_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_US_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     outcome: Outcome
     score: float
@@ -89,7 +90,8 @@ class Decision(_message.Message):
     timing: Timing
     event_time_us: int
     decided_at_us: int
-    def __init__(self, transaction_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., score: _Optional[float] = ..., reason_codes: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_cause: _Optional[_Union[DegradedCause, str]] = ..., degraded_detail: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., event_time_us: _Optional[int] = ..., decided_at_us: _Optional[int] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, transaction_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., score: _Optional[float] = ..., reason_codes: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_cause: _Optional[_Union[DegradedCause, str]] = ..., degraded_detail: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., event_time_us: _Optional[int] = ..., decided_at_us: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("request_id", "transaction", "budget_us")
