@@ -20,20 +20,30 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from workers.app import build_engine
 from workers.engine.engine import ScoringEngine
-from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
+from workers.records import Transaction
 from workers.rpc.auth import BearerTokenInterceptor
-from workers.rpc.dispatch import Dispatcher
-from workers.rpc.servicer import FraudScoringServicer
+from workers.rpc.dispatch import Dispatcher, MethodMetrics
+from workers.rpc.servicer import (
+    SERVICE_NAME,
+    FraudScoringServicer,
+    add_to_server,
+    decision_response,
+)
 from workers.rpc.store_health import follow_store_health
 from workers.settings import GrpcSettings, Settings
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = fraud_pb2.DESCRIPTOR.services_by_name["FraudScoring"].full_name
+# grpcio-reflection ships v1alpha only; grpcurl and ghz ask v1 first. The v1 protocol is the
+# v1alpha one under a new package (same messages, same field numbers), so the one servicer
+# answers both service names.
+REFLECTION_V1_NAME = "grpc.reflection.v1.ServerReflection"
+# Generous: a cold engine's first batch may be slow, and its answer is what warms the path.
+WARM_UP_BUDGET_US = 2_000_000
 
 
 def server_options(grpc_settings: GrpcSettings) -> list[tuple[str, int]]:
@@ -47,6 +57,9 @@ def server_options(grpc_settings: GrpcSettings) -> list[tuple[str, int]]:
         # Accept client keepalive pings this often without answering GOAWAY(too_many_pings).
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(grpc_settings.min_client_ping_interval_s * 1000)),
         ("grpc.http2.max_pings_without_data", 0),
+        # A frame over this is refused by grpc before it is read whole (RESOURCE_EXHAUSTED,
+        # ending its call): sized for a ScoreBatch; a single request has a smaller limit of its own.
+        ("grpc.max_receive_message_length", grpc_settings.max_message_bytes),
     ]
 
 
@@ -94,11 +107,13 @@ async def start_service(settings: Settings, engine: ScoringEngine) -> RunningSer
     dispatcher = Dispatcher(engine, settings.engine.default_budget_ms, loop)
     interceptors = [BearerTokenInterceptor(grpc_settings.bearer_token)] if grpc_settings.bearer_token else []
     server = grpc.aio.server(interceptors=interceptors, options=server_options(grpc_settings))
-    servicer = FraudScoringServicer(dispatcher, grpc_settings.max_in_flight_per_stream)
-    fraud_pb2_grpc.add_FraudScoringServicer_to_server(servicer, server)
+    servicer = FraudScoringServicer(
+        dispatcher, grpc_settings.max_in_flight_per_stream, grpc_settings.max_unanswered_bytes_per_stream
+    )
+    add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    _enable_reflection(server)
     address = f"{grpc_settings.host}:{grpc_settings.port}"
     credentials = server_credentials(grpc_settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -106,11 +121,54 @@ async def start_service(settings: Settings, engine: ScoringEngine) -> RunningSer
     service = RunningService(engine, server, health_servicer, servicer, port)
     if grpc_settings.rest_port:
         _start_rest(service, dispatcher, grpc_settings)
-    # The engine was warmed up by its builder: only now do we invite traffic, and only while
-    # it can read features (health follows the online store from here on).
+    # The engine was warmed up by its builder; what is still cold is this process's own path
+    # (loop hops, timers, the answer's encoding): one request through it before health says
+    # SERVING. Only then do we invite traffic, and only while the engine can read features
+    # (health follows the online store from here on).
+    await warm_dispatcher(dispatcher)
     await follow_store_health(health_servicer, engine, ("", SERVICE_NAME))
     log.info("gRPC on %s (port %d)%s", address, port, f", REST on {service.rest_port}" if service.rest_port else "")
     return service
+
+
+# Within the validated bounds (records.py); customer 0 and terminal 0 are ordinary ids.
+_WARM_UP_TRANSACTION = Transaction("warm-up", 0, 0, 10.0, 1_700_000_000_000_000)
+
+
+async def warm_dispatcher(dispatcher: Dispatcher) -> None:
+    """One request through the path a caller's takes (submission, engine, completion hop,
+    deadline timer, encoding), unmetered, so the first caller does not pay its first-use costs."""
+    decision, timing = await dispatcher.decide(_WARM_UP_TRANSACTION, WARM_UP_BUDGET_US, MethodMetrics.unmetered())
+    decision_response("warm-up", decision, timing).SerializeToString()
+
+
+class _ReflectionServicer(reflection.aio.ReflectionServicer):
+    """Also finds a method's file (``grpcurl describe fraud.v1.FraudScoring.Score`` asks for
+    the method's symbol; protobuf's upb pool finds services, messages and fields, not methods)."""
+
+    def _file_containing_symbol(
+        self, request: reflection_pb2.ServerReflectionRequest, fully_qualified_name: str
+    ) -> reflection_pb2.ServerReflectionResponse:
+        service_name, _, method = fully_qualified_name.rpartition(".")
+        try:
+            service = self._pool.FindServiceByName(service_name)
+        except KeyError:
+            service = None
+        if service is not None and method in service.methods_by_name:
+            fully_qualified_name = service_name
+        return super()._file_containing_symbol(request, fully_qualified_name)
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1_NAME)
+    servicer = _ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1_NAME):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),))
 
 
 def _start_rest(service: RunningService, dispatcher: Dispatcher, grpc_settings: GrpcSettings) -> None:
