@@ -81,6 +81,7 @@ class RunningService:
     health: health.aio.HealthServicer
     servicer: FraudScoringServicer
     port: int
+    dispatcher: Dispatcher | None = None
     rest_port: int | None = None
     rest_server: object | None = None
     rest_task: asyncio.Task | None = None
@@ -118,7 +119,7 @@ async def start_service(settings: Settings, engine: ScoringEngine) -> RunningSer
     credentials = server_credentials(grpc_settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
-    service = RunningService(engine, server, health_servicer, servicer, port)
+    service = RunningService(engine, server, health_servicer, servicer, port, dispatcher)
     if grpc_settings.rest_port:
         _start_rest(service, dispatcher, grpc_settings)
     # The engine was warmed up by its builder; what is still cold is this process's own path
