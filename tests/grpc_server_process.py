@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grpc_harness import SlowReader, service_settings, serving  # noqa: E402
+from grpc_harness import SlowReader, service_settings, serving
 
 
 async def main(model_dir: Path) -> None:
