@@ -173,10 +173,10 @@ OVERLOADED = fraud_pb2.OVERLOADED
 
 
 def test_overload_is_shed_at_arrival_and_every_answer_beats_its_budget(tmp_path):
-    # 100 ms a batch, whatever its rows: behind one batch in the engine, a request expects
-    # 100 ms of wait, more than half of its 150 ms budget, so it is shed at arrival.
-    budget_ms = 150
-    reader = SlowReader(delay_all_s=0.1)
+    # 250 ms a batch, whatever its rows: behind one batch in the engine, a request expects
+    # 250 ms of wait, more than half of its 400 ms budget, so it is shed at arrival.
+    budget_ms = 400
+    reader = SlowReader(delay_all_s=0.25)
 
     async def scenario():
         async with serving(service_settings(tmp_path), reader) as service, channel(service) as ch:

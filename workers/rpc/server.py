@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from workers.app import build_engine
 from workers.engine.engine import ScoringEngine
+from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.records import Transaction
 from workers.rpc.auth import BearerTokenInterceptor
 from workers.rpc.dispatch import Dispatcher, MethodMetrics
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 REFLECTION_V1_NAME = "grpc.reflection.v1.ServerReflection"
 # Generous: a cold engine's first batch may be slow, and its answer is what warms the path.
 WARM_UP_BUDGET_US = 2_000_000
+WARM_UP_CALLS = 3
+WARM_UP_TIMEOUT_S = 5.0
 
 
 def server_options(grpc_settings: GrpcSettings) -> list[tuple[str, int]]:
@@ -113,6 +116,8 @@ async def start_service(settings: Settings, engine: ScoringEngine) -> RunningSer
     )
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):  # grpc's servicer starts "" at SERVING: not before warm-up
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _enable_reflection(server)
     address = f"{grpc_settings.host}:{grpc_settings.port}"
@@ -123,10 +128,9 @@ async def start_service(settings: Settings, engine: ScoringEngine) -> RunningSer
     if grpc_settings.rest_port:
         _start_rest(service, dispatcher, grpc_settings)
     # The engine was warmed up by its builder; what is still cold is this process's own path
-    # (loop hops, timers, the answer's encoding): one request through it before health says
-    # SERVING. Only then do we invite traffic, and only while the engine can read features
-    # (health follows the online store from here on).
-    await warm_dispatcher(dispatcher)
+    # (see warm_up). Only then do we invite traffic, and only while the engine can read
+    # features (health follows the online store from here on).
+    await warm_up(dispatcher, grpc_settings, port, tls=credentials is not None)
     await follow_store_health(health_servicer, engine, ("", SERVICE_NAME))
     log.info("gRPC on %s (port %d)%s", address, port, f", REST on {service.rest_port}" if service.rest_port else "")
     return service
@@ -136,11 +140,39 @@ async def start_service(settings: Settings, engine: ScoringEngine) -> RunningSer
 _WARM_UP_TRANSACTION = Transaction("warm-up", 0, 0, 10.0, 1_700_000_000_000_000)
 
 
+async def warm_up(dispatcher: Dispatcher, grpc_settings: GrpcSettings, port: int, tls: bool) -> None:
+    """Pays this process's first-use costs before the first caller does (bench/first_request.py)."""
+    await warm_dispatcher(dispatcher)
+    if not tls:  # over TLS the server's name is not ours to know; the dispatcher is warm at least
+        await warm_grpc_path(grpc_settings, port)
+
+
 async def warm_dispatcher(dispatcher: Dispatcher) -> None:
     """One request through the path a caller's takes (submission, engine, completion hop,
     deadline timer, encoding), unmetered, so the first caller does not pay its first-use costs."""
     decision, timing = await dispatcher.decide(_WARM_UP_TRANSACTION, WARM_UP_BUDGET_US, MethodMetrics.unmetered())
     decision_response("warm-up", decision, timing).SerializeToString()
+
+
+async def warm_grpc_path(grpc_settings: GrpcSettings, port: int) -> None:
+    """Calls to ourselves over loopback: grpc's server side (first call on the loop, a new
+    HTTP/2 stream, our handlers, parsing, the response serializer) is slow the first time.
+    Requests without a transaction, answered with an error, so nothing is decided or counted."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(grpc_settings.host, grpc_settings.host)
+    metadata = (("authorization", f"Bearer {grpc_settings.bearer_token}"),) if grpc_settings.bearer_token else ()
+    undecidable = fraud_pb2.ScoreRequest(request_id="warm-up")
+    try:
+        async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=WARM_UP_TIMEOUT_S)
+            stub = fraud_pb2_grpc.FraudScoringStub(channel)
+            for _ in range(WARM_UP_CALLS):
+                await stub.Score(undecidable, metadata=metadata, timeout=WARM_UP_TIMEOUT_S)
+            call = stub.ScoreStream(metadata=metadata, timeout=WARM_UP_TIMEOUT_S)
+            await call.write(undecidable)
+            await call.read()
+            await call.done_writing()
+    except grpc.aio.AioRpcError as exc:  # warming is an optimisation: never a reason not to serve
+        log.warning("gRPC warm-up call failed (%s); serving anyway", exc.code().name)
 
 
 class _ReflectionServicer(reflection.aio.ReflectionServicer):
