@@ -10,7 +10,9 @@ calls one after another. "cold" replaces the warm-up with a no-op.
 
     python bench/first_request.py --trials 5
 
-Prints p50/max of request 1 and of requests 2..N per variant and writes bench/results/.
+Prints p50/max of request 1 and of requests 2..N per variant, the engine's part of each,
+and the first request on a second new connection once the server is warm (what any new
+connection costs, start-up or not), and writes bench/results/.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ async def warm_client() -> None:
     await server.stop(0)
 
 
-async def trial(variant: str) -> list[tuple[float, int]]:
+async def trial(variant: str) -> list[tuple[float, int, int]]:
     """First FIRST_N Score calls, one after another, to a freshly started server process."""
     import grpc
 
@@ -102,7 +104,14 @@ async def trial(variant: str) -> list[tuple[float, int]]:
                 response = await stub.Score(score_request(i))
                 elapsed_us = (time.perf_counter() - started) * 1e6
                 assert response.WhichOneof("result") == "decision"
-                latencies.append((elapsed_us, response.decision.degraded_cause))
+                latencies.append((elapsed_us, response.decision.degraded_cause, response.decision.timing.total_us))
+        # A second, new connection to the now warm server: what a first request costs per connection.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            await ch.channel_ready()
+            started = time.perf_counter()
+            response = await fraud_pb2_grpc.FraudScoringStub(ch).Score(score_request(FIRST_N))
+            elapsed_us = (time.perf_counter() - started) * 1e6
+            latencies.append((elapsed_us, response.decision.degraded_cause, response.decision.timing.total_us))
         return latencies
     finally:
         child.stdin.close()
@@ -128,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     for variant in ("cold", "warm"):
         runs = [asyncio.run(trial(variant)) for _ in range(args.trials)]
         first = [run[0][0] for run in runs]
-        rest = [lat for run in runs for lat, _ in run[1:]]
+        rest = [lat for run in runs for lat, _, _ in run[1:-1]]
+        engine_first = [run[0][2] for run in runs]
+        engine_rest = [engine_us for run in runs for _, _, engine_us in run[1:-1]]
+        new_connection = [run[-1][0] for run in runs]
         late_first = sum(1 for lat in first if lat > BUDGET_US)
         degraded_first = sum(1 for run in runs if run[0][1])
         results[variant] = {
@@ -140,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
             "rest_us_p50": statistics.median(rest),
             "rest_us_max": max(rest),
             "first_us_all": [round(x) for x in first],
+            "first_engine_us_p50": statistics.median(engine_first),
+            "new_connection_first_us_p50": statistics.median(new_connection),
+            "rest_engine_us_p50": statistics.median(engine_rest),
         }
         r = results[variant]
         print(
             f"{variant}: request 1 p50 {r['first_us_p50']:.0f} us, max {r['first_us_max']:.0f} us, "
             f"over {BUDGET_US} us budget {late_first}/{args.trials}, degraded {degraded_first}/{args.trials}; "
-            f"requests 2..{FIRST_N} p50 {r['rest_us_p50']:.0f} us, max {r['rest_us_max']:.0f} us"
+            f"requests 2..{FIRST_N} p50 {r['rest_us_p50']:.0f} us, max {r['rest_us_max']:.0f} us; "
+            f"engine part (queue+enrich+model+decide) p50: request 1 {r['first_engine_us_p50']:.0f} us, "
+            f"later {r['rest_engine_us_p50']:.0f} us; first request on a 2nd new connection p50 "
+            f"{r['new_connection_first_us_p50']:.0f} us"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
