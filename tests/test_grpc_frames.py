@@ -125,3 +125,16 @@ def test_a_repeated_request_id_is_flagged_apart_from_the_first_requests_answer(t
     assert repeat.request_id == "same" and repeat.error.code == 6 and repeat.error.duplicate_request_id
     assert first.request_id == "same" and first.WhichOneof("result") == "decision"
     assert not fraud_pb2.ScoreResponse(error=fraud_pb2.ScoreError(code=3)).error.duplicate_request_id
+
+
+def test_one_oversize_request_in_a_batch_gets_its_own_error(tmp_path):
+    async def scenario():
+        async with serving(service_settings(tmp_path), SlowReader()) as service, grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+            big = request("big")
+            big.transaction.currency = "X" * MAX_REQUEST_BYTES
+            batch = fraud_pb2.ScoreBatchRequest(requests=[request("a"), big, request("c")])
+            return await raw_unary(ch, "ScoreBatch", fraud_pb2.ScoreBatchResponse)(batch.SerializeToString())
+
+    answers = run(scenario()).responses
+    assert [a.WhichOneof("result") for a in answers] == ["decision", "error", "decision"]
+    assert answers[1].error.code == 3 and "over 65536 bytes" in answers[1].error.message

@@ -88,8 +88,6 @@ def validated(request: fraud_pb2.ScoreRequest) -> Transaction | fraud_pb2.ScoreR
     too_long = id_error(request.request_id)
     if too_long is not None:
         return too_long
-    if request.ByteSize() > MAX_REQUEST_BYTES:  # one of a ScoreBatch (a frame is checked whole)
-        return error_response("", INVALID_ARGUMENT, f"request is over {MAX_REQUEST_BYTES} bytes")
     if not request.HasField("transaction"):
         return error_response(request.request_id, INVALID_ARGUMENT, "transaction is required")
     try:
@@ -142,7 +140,7 @@ class FraudScoringServicer:
         except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable fraud.v1.ScoreBatchRequest: {exc}")
         # Submitted one by one: the engine batches them again, each keeps its own budget.
-        answers = await asyncio.gather(*(self._answer(r, self._batch) for r in batch.requests))
+        answers = await asyncio.gather(*(self._answer_one_of_batch(r) for r in batch.requests))
         count_answered([decision for _, decision in answers])
         return fraud_pb2.ScoreBatchResponse(responses=[response for response, _ in answers])
 
@@ -155,6 +153,12 @@ class FraudScoringServicer:
         finally:
             metrics.GRPC_ACTIVE_STREAMS.dec()
             self._sessions.discard(session)
+
+    async def _answer_one_of_batch(self, request: fraud_pb2.ScoreRequest) -> Answer:
+        # A frame is held to the request limit whole (parse_request); one of a batch, here.
+        if request.ByteSize() > MAX_REQUEST_BYTES:
+            return error_response("", INVALID_ARGUMENT, f"request is over {MAX_REQUEST_BYTES} bytes"), None
+        return await self._answer(request, self._batch)
 
     async def _answer(self, request: fraud_pb2.ScoreRequest, method: MethodMetrics) -> Answer:
         txn = validated(request)
