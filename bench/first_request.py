@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,39 +83,42 @@ async def warm_client() -> None:
     await server.stop(0)
 
 
-async def trial(variant: str) -> list[tuple[float, int, int]]:
+def trial(variant: str) -> list[tuple[float, int, int]]:
     """First FIRST_N Score calls, one after another, to a freshly started server process."""
-    import grpc
-
-    from workers.proto.fraud.v1 import fraud_pb2_grpc
-
     child = subprocess.Popen(
         [sys.executable, __file__, "--serve", variant], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        line = await asyncio.to_thread(child.stdout.readline)
-        port = int(line.split()[1])
-        latencies = []
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            await ch.channel_ready()
-            stub = fraud_pb2_grpc.FraudScoringStub(ch)
-            for i in range(FIRST_N):
-                started = time.perf_counter()
-                response = await stub.Score(score_request(i))
-                elapsed_us = (time.perf_counter() - started) * 1e6
-                assert response.WhichOneof("result") == "decision"
-                latencies.append((elapsed_us, response.decision.degraded_cause, response.decision.timing.total_us))
-        # A second, new connection to the now warm server: what a first request costs per connection.
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            await ch.channel_ready()
-            started = time.perf_counter()
-            response = await fraud_pb2_grpc.FraudScoringStub(ch).Score(score_request(FIRST_N))
-            elapsed_us = (time.perf_counter() - started) * 1e6
-            latencies.append((elapsed_us, response.decision.degraded_cause, response.decision.timing.total_us))
-        return latencies
+        port = int(child.stdout.readline().split()[1])
+        return asyncio.run(first_requests(port))
     finally:
         child.stdin.close()
         child.wait(30)
+
+
+async def first_requests(port: int) -> list[tuple[float, int, int]]:
+    import grpc
+
+    from workers.proto.fraud.v1 import fraud_pb2_grpc
+
+    latencies = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        await ch.channel_ready()
+        stub = fraud_pb2_grpc.FraudScoringStub(ch)
+        for i in range(FIRST_N):
+            started = time.perf_counter()
+            response = await stub.Score(score_request(i))
+            elapsed_us = (time.perf_counter() - started) * 1e6
+            assert response.WhichOneof("result") == "decision"
+            latencies.append((elapsed_us, response.decision.degraded_cause, response.decision.timing.total_us))
+    # A second, new connection to the now warm server: what a first request costs per connection.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        await ch.channel_ready()
+        started = time.perf_counter()
+        response = await fraud_pb2_grpc.FraudScoringStub(ch).Score(score_request(FIRST_N))
+        elapsed_us = (time.perf_counter() - started) * 1e6
+        latencies.append((elapsed_us, response.decision.degraded_cause, response.decision.timing.total_us))
+    return latencies
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.run(warm_client())
     results: dict[str, dict] = {}
     for variant in ("cold", "warm"):
-        runs = [asyncio.run(trial(variant)) for _ in range(args.trials)]
+        runs = [trial(variant) for _ in range(args.trials)]
         first = [run[0][0] for run in runs]
         rest = [lat for run in runs for lat, _, _ in run[1:-1]]
         engine_first = [run[0][2] for run in runs]
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['new_connection_first_us_p50']:.0f} us"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"first-request-{stamp}.json").write_text(json.dumps({"budget_us": BUDGET_US, **results}, indent=2))
     return 0
 
