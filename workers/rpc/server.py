@@ -157,7 +157,9 @@ async def warm_dispatcher(dispatcher: Dispatcher) -> None:
 async def warm_grpc_path(grpc_settings: GrpcSettings, port: int) -> None:
     """Calls to ourselves over loopback: grpc's server side (first call on the loop, a new
     HTTP/2 stream, our handlers, parsing, the response serializer) is slow the first time.
-    Requests without a transaction, answered with an error, so nothing is decided or counted."""
+    Requests without a transaction, answered with an error, so nothing is decided or counted.
+    With ``grpc.processes`` > 1 the kernel may hand this connection to a sibling on the same
+    port (SO_REUSEPORT): then that one is warmed twice and this one has its dispatcher warm only."""
     host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(grpc_settings.host, grpc_settings.host)
     metadata = (("authorization", f"Bearer {grpc_settings.bearer_token}"),) if grpc_settings.bearer_token else ()
     undecidable = fraud_pb2.ScoreRequest(request_id="warm-up")
