@@ -128,12 +128,21 @@ def test_an_idle_server_sheds_nothing_from_small_or_hundred_request_batches(tmp_
     async def scenario():
         settings = service_settings(tmp_path)
         settings.engine.max_batch_size = 1024  # the default, as in the issue
-        async with serving(settings, SlowReader()) as service, grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        async with (
+            serving(settings, SlowReader()) as service,
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch,
+        ):
             stub = fraud_pb2_grpc.FraudScoringStub(ch)
-            small = await stub.ScoreBatch(fraud_pb2.ScoreBatchRequest(requests=[request(f"a{i}", budget_ms=10) for i in range(3)]))
+            small = await stub.ScoreBatch(
+                fraud_pb2.ScoreBatchRequest(requests=[request(f"a{i}", budget_ms=10) for i in range(3)])
+            )
             unary = [await stub.Score(request(f"u{i}", budget_ms=10)) for i in range(300)]
-            hundred = await stub.ScoreBatch(fraud_pb2.ScoreBatchRequest(requests=[request(f"h{i}", budget_ms=10) for i in range(100)]))
-            flood = await stub.ScoreBatch(fraud_pb2.ScoreBatchRequest(requests=[request(f"f{i}", budget_ms=10) for i in range(5000)]))
+            hundred = await stub.ScoreBatch(
+                fraud_pb2.ScoreBatchRequest(requests=[request(f"h{i}", budget_ms=10) for i in range(100)])
+            )
+            flood = await stub.ScoreBatch(
+                fraud_pb2.ScoreBatchRequest(requests=[request(f"f{i}", budget_ms=10) for i in range(5000)])
+            )
             return list(small.responses), unary, list(hundred.responses), list(flood.responses)
 
     small, unary, hundred, flood = asyncio.run(asyncio.wait_for(scenario(), 60))
@@ -143,6 +152,8 @@ def test_an_idle_server_sheds_nothing_from_small_or_hundred_request_batches(tmp_
     for name, answers in (("3-request batch", small), ("unary", unary), ("100-request batch", hundred)):
         shed = [a.decision.degraded_detail for a in answers if a.decision.degraded_cause == fraud_pb2.OVERLOADED]
         for_wait = [detail for detail in shed if "behind" not in detail]
-        print(f"{name}: {len(answers)} answers, {len(for_wait)} shed for their expected wait, {len(shed) - len(for_wait)} for loop lag")
+        print(
+            f"{name}: {len(answers)} answers, {len(for_wait)} shed for their expected wait, {len(shed) - len(for_wait)} for loop lag"
+        )
         assert for_wait == [], (name, for_wait[:3])
         assert len(shed) <= len(answers) // 10, (name, shed[:3])  # loop lag on a busy box, at worst a few

@@ -89,7 +89,9 @@ def rest_post(port: int, req: fraud_pb2.ScoreRequest) -> tuple[int, dict]:
         "transaction": {field.name: value for field, value in req.transaction.ListFields()},
         "budget_us": req.budget_us,
     }
-    http = urllib.request.Request(f"http://127.0.0.1:{port}/v1/score", json.dumps(body).encode(), {"content-type": "application/json"})
+    http = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/score", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(http, timeout=5) as response:
             return response.status, json.load(response)
@@ -129,7 +131,11 @@ def test_counters_equal_the_answers_callers_received(tmp_path, metrics_port):
                 await call.write(frame)
             for _ in range(4):
                 got.add(await call.read())
-            for req in (request("r0", budget_ms=2000), request("r1", amount=-3.0), request("r2", budget_ms=TINY_BUDGET_MS)):
+            for req in (
+                request("r0", budget_ms=2000),
+                request("r1", amount=-3.0),
+                request("r2", budget_ms=TINY_BUDGET_MS),
+            ):
                 got.add_rest(*await asyncio.to_thread(rest_post, rest, req))
 
             # Shed at arrival (OVERLOADED): one gated request in flight, the bound set to it.
@@ -137,7 +143,9 @@ def test_counters_equal_the_answers_callers_received(tmp_path, metrics_port):
             await asyncio.sleep(0.1)
             service.dispatcher.admission.max_in_flight = 1
             got.add(await stub.Score(request("shed-unary", budget_ms=2000)))
-            batch = await stub.ScoreBatch(fraud_pb2.ScoreBatchRequest(requests=[request(f"sb{i}", budget_ms=2000) for i in range(3)]))
+            batch = await stub.ScoreBatch(
+                fraud_pb2.ScoreBatchRequest(requests=[request(f"sb{i}", budget_ms=2000) for i in range(3)])
+            )
             for response in batch.responses:
                 got.add(response)
             await call.write(request("shed-stream", budget_ms=2000).SerializeToString())

@@ -30,17 +30,24 @@ def run(coro):
 def raw_stream(ch: grpc.aio.Channel):
     """ScoreStream with bytes in (sent as they are) and ScoreResponse out."""
     return ch.stream_stream(
-        "/fraud.v1.FraudScoring/ScoreStream", request_serializer=None, response_deserializer=fraud_pb2.ScoreResponse.FromString
+        "/fraud.v1.FraudScoring/ScoreStream",
+        request_serializer=None,
+        response_deserializer=fraud_pb2.ScoreResponse.FromString,
     )()
 
 
 def raw_unary(ch: grpc.aio.Channel, method: str, response_type):
-    return ch.unary_unary(f"/fraud.v1.FraudScoring/{method}", request_serializer=None, response_deserializer=response_type.FromString)
+    return ch.unary_unary(
+        f"/fraud.v1.FraudScoring/{method}", request_serializer=None, response_deserializer=response_type.FromString
+    )
 
 
 def test_an_undecodable_frame_gets_an_error_and_the_stream_lives_on(tmp_path):
     async def scenario():
-        async with serving(service_settings(tmp_path), SlowReader()) as service, grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        async with (
+            serving(service_settings(tmp_path), SlowReader()) as service,
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch,
+        ):
             call = raw_stream(ch)
             await call.write(request("first").SerializeToString())
             await call.write(UNDECODABLE)
@@ -64,9 +71,15 @@ def test_an_undecodable_frame_gets_an_error_and_the_stream_lives_on(tmp_path):
 
 def test_unary_calls_answer_invalid_argument_for_undecodable_bytes(tmp_path):
     async def scenario():
-        async with serving(service_settings(tmp_path), SlowReader()) as service, grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        async with (
+            serving(service_settings(tmp_path), SlowReader()) as service,
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch,
+        ):
             failures = []
-            for method, response_type in (("Score", fraud_pb2.ScoreResponse), ("ScoreBatch", fraud_pb2.ScoreBatchResponse)):
+            for method, response_type in (
+                ("Score", fraud_pb2.ScoreResponse),
+                ("ScoreBatch", fraud_pb2.ScoreBatchResponse),
+            ):
                 with pytest.raises(grpc.aio.AioRpcError) as failure:
                     await raw_unary(ch, method, response_type)(UNDECODABLE)
                 failures.append(failure.value)
@@ -89,7 +102,10 @@ def test_over_long_request_ids_are_refused_per_message_and_not_echoed(tmp_path):
     long_id = "i" * (MAX_ID_CHARS + 1)
 
     async def scenario():
-        async with serving(service_settings(tmp_path), SlowReader()) as service, grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        async with (
+            serving(service_settings(tmp_path), SlowReader()) as service,
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch,
+        ):
             call = raw_stream(ch)
             await call.write(request(long_id).SerializeToString())
             await call.write(request("i" * MAX_ID_CHARS).SerializeToString())  # at the limit: fine
@@ -111,7 +127,10 @@ def test_over_long_request_ids_are_refused_per_message_and_not_echoed(tmp_path):
 def test_a_repeated_request_id_is_flagged_apart_from_the_first_requests_answer(tmp_path):
     async def scenario():
         reader = SlowReader()
-        async with serving(service_settings(tmp_path), reader) as service, grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        async with (
+            serving(service_settings(tmp_path), reader) as service,
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch,
+        ):
             call = raw_stream(ch)
             await call.write(request("same", customer_id=GATED_CUSTOMER).SerializeToString())
             await call.write(request("same").SerializeToString())
@@ -129,7 +148,10 @@ def test_a_repeated_request_id_is_flagged_apart_from_the_first_requests_answer(t
 
 def test_one_oversize_request_in_a_batch_gets_its_own_error(tmp_path):
     async def scenario():
-        async with serving(service_settings(tmp_path), SlowReader()) as service, grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        async with (
+            serving(service_settings(tmp_path), SlowReader()) as service,
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch,
+        ):
             big = request("big")
             big.transaction.currency = "X" * MAX_REQUEST_BYTES
             batch = fraud_pb2.ScoreBatchRequest(requests=[request("a"), big, request("c")])

@@ -55,7 +55,9 @@ async def flood_without_reading(port: int, pid: int, send_for_s: float) -> float
     peak = 0.0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 2**22)]) as ch:
         call = ch.stream_stream(
-            "/fraud.v1.FraudScoring/ScoreStream", request_serializer=None, response_deserializer=fraud_pb2.ScoreResponse.FromString
+            "/fraud.v1.FraudScoring/ScoreStream",
+            request_serializer=None,
+            response_deserializer=fraud_pb2.ScoreResponse.FromString,
         )()
 
         async def send() -> None:
@@ -89,7 +91,9 @@ def test_an_unread_stream_of_large_requests_leaves_the_server_memory_bounded(tmp
             peaks.append(asyncio.run(flood_without_reading(port, server.pid, send_for_s=3.0)))
             time.sleep(1.0)
             afters.append(rss_mb(server.pid))
-        print(f"server RSS MB: baseline {baseline:.0f}, peaks {[round(p) for p in peaks]}, after {[round(a) for a in afters]}")
+        print(
+            f"server RSS MB: baseline {baseline:.0f}, peaks {[round(p) for p in peaks]}, after {[round(a) for a in afters]}"
+        )
     finally:
         server.stdin.close()
         server.wait(15)

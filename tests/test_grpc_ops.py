@@ -60,7 +60,9 @@ def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool, san: str | No
 def _pem(obj) -> bytes:
     if isinstance(obj, x509.Certificate):
         return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return obj.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,10 @@ def test_reflection_v1_describes_the_service_as_grpcurl_asks_for_it(tmp_path):
     from grpc_reflection.v1alpha import reflection_pb2
 
     async def scenario():
-        async with serving(service_settings(tmp_path), SlowReader()) as service, grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        async with (
+            serving(service_settings(tmp_path), SlowReader()) as service,
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch,
+        ):
             call = ch.stream_stream(
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
@@ -142,7 +147,10 @@ def test_reflection_v1_describes_the_service_as_grpcurl_asks_for_it(tmp_path):
     listed, described = run(scenario())
     services = {s.name for s in listed.list_services_response.service}
     assert {SERVICE_NAME, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= services
-    files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in described.file_descriptor_response.file_descriptor_proto]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in described.file_descriptor_response.file_descriptor_proto
+    ]
     methods = {m.name for f in files for svc in f.service if svc.name == "FraudScoring" for m in svc.method}
     assert methods == {"Score", "ScoreBatch", "ScoreStream"}
 
@@ -182,9 +190,7 @@ def test_tls_with_token_rejects_unauthenticated_callers(tmp_path, pki):
 
 
 def test_mutual_tls_requires_a_client_certificate(tmp_path, pki):
-    settings = service_settings(
-        tmp_path, tls_cert=pki["server"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]
-    )
+    settings = service_settings(tmp_path, tls_cert=pki["server"], tls_key=pki["server_key"], tls_client_ca=pki["ca"])
     options = [("grpc.ssl_target_name_override", "localhost")]
     ca = pki["ca"].read_bytes()
     with_cert = grpc.ssl_channel_credentials(ca, pki["client_key"].read_bytes(), pki["client"].read_bytes())
@@ -211,10 +217,14 @@ def test_client_helper_matches_concurrent_requests_and_reports_a_broken_stream(t
     async def scenario():
         async with serving(service_settings(tmp_path), SlowReader()) as service:
             async with ScoringClient(f"127.0.0.1:{service.port}") as client:
-                txns = [transaction_from_proto(request("r", txn_id=f"t{i}", amount=10.0 * i).transaction) for i in range(50)]
+                txns = [
+                    transaction_from_proto(request("r", txn_id=f"t{i}", amount=10.0 * i).transaction) for i in range(50)
+                ]
                 decisions = await asyncio.gather(*(client.score(t, budget_ms=1000) for t in txns))
                 held = asyncio.create_task(
-                    client.score(transaction_from_proto(request("g", customer_id=GATED_CUSTOMER).transaction), budget_ms=5000)
+                    client.score(
+                        transaction_from_proto(request("g", customer_id=GATED_CUSTOMER).transaction), budget_ms=5000
+                    )
                 )
                 await asyncio.sleep(0.1)
                 client._stream.call.cancel()  # as if the connection dropped

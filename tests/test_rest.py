@@ -64,9 +64,7 @@ def as_body(req) -> dict:
     """The request as JSON with numbers as numbers (the events' JSON contract; the proto
     mapping's int64-as-string is refused like any string in a number field)."""
     return json_format.MessageToDict(req, preserving_proto_field_name=True, use_integers_for_enums=True) | {
-        "transaction": {
-            field.name: value for field, value in req.transaction.ListFields()
-        },
+        "transaction": {field.name: value for field, value in req.transaction.ListFields()},
         **({"budget_us": req.budget_us} if req.budget_us else {}),
     }
 
@@ -79,7 +77,9 @@ def test_rest_and_grpc_give_the_same_decision(tmp_path):
     via_grpc, via_rest, spec = scenario(tmp_path, requests, [as_body(r) for r in requests])
     for g, (status, body) in zip(via_grpc, via_rest):
         assert status == 200
-        expected = json_format.MessageToDict(g, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        expected = json_format.MessageToDict(
+            g, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
         for field in STABLE_FIELDS:
             assert body["decision"][field] == expected["decision"][field], field
     assert {b["decision"]["outcome"] for _, b in via_rest} == {"APPROVE", "REVIEW", "DECLINE"}
@@ -98,8 +98,12 @@ def test_rest_rejects_a_bad_transaction_like_grpc(tmp_path):
     assert status_missing == 400 and "transaction is required" in missing["error"]["message"]
 
 
-def post_raw(port: int, body: bytes, headers: dict[str, str] | None = None, path: str = "/v1/score") -> tuple[int, dict]:
-    http = urllib.request.Request(f"http://127.0.0.1:{port}{path}", body, headers or {"content-type": "application/json"})
+def post_raw(
+    port: int, body: bytes, headers: dict[str, str] | None = None, path: str = "/v1/score"
+) -> tuple[int, dict]:
+    http = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", body, headers or {"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(http, timeout=5) as response:
             return response.status, json.load(response)
@@ -154,7 +158,12 @@ def test_rest_refuses_what_grpc_refuses_with_one_error_shape(tmp_path):
         "NaN": (with_txn().replace(b"20.0", b"NaN"), None, 400, "NaN"),
         "not an object": (b"[1, 2]", None, 400, "invalid request"),
         "long request_id": (json.dumps({**VALID, "request_id": "r" * 129}).encode(), None, 400, "request_id is 129"),
-        "form content type": (with_txn(), {"content-type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+        "form content type": (
+            with_txn(),
+            {"content-type": "application/x-www-form-urlencoded"},
+            415,
+            "application/json",
+        ),
         "too large": (b" " * (70 * 1024) + with_txn(), None, 413, "limit is 65536"),
     }
 
@@ -165,7 +174,9 @@ def test_rest_refuses_what_grpc_refuses_with_one_error_shape(tmp_path):
             answers = {}
             for name, (body, headers, _, _) in cases.items():
                 answers[name] = await asyncio.to_thread(post_raw, service.rest_port, body, headers)
-            answers["unknown route"] = await asyncio.to_thread(post_raw, service.rest_port, with_txn(), None, "/v2/nope")
+            answers["unknown route"] = await asyncio.to_thread(
+                post_raw, service.rest_port, with_txn(), None, "/v2/nope"
+            )
             answers["valid"] = await asyncio.to_thread(post_raw, service.rest_port, with_txn())
             return answers
 

@@ -40,7 +40,9 @@ pytestmark = pytest.mark.timeout(120)
 
 # --- strategies -------------------------------------------------------------------------
 
-odd_text = st.text(max_size=12) | st.text(min_size=MAX_ID_CHARS - 1, max_size=MAX_ID_CHARS + 2) | st.just("\u0000\uffff")
+odd_text = (
+    st.text(max_size=12) | st.text(min_size=MAX_ID_CHARS - 1, max_size=MAX_ID_CHARS + 2) | st.just("\u0000\uffff")
+)
 int64 = st.integers(-(2**63), 2**63 - 1)
 event_times = int64 | st.integers(EVENT_TIME_MIN_US - 2, EVENT_TIME_MAX_US + 2)
 amounts = st.floats(allow_nan=True, allow_infinity=True) | st.floats(0, 1e9)
@@ -168,7 +170,9 @@ def channel(server):
 @given(stream=st.lists(frames, min_size=1, max_size=6))
 def test_every_frame_on_a_stream_gets_an_answer_and_the_stream_stays_open(channel, stream):
     call = channel.stream_stream(
-        "/fraud.v1.FraudScoring/ScoreStream", request_serializer=None, response_deserializer=fraud_pb2.ScoreResponse.FromString
+        "/fraud.v1.FraudScoring/ScoreStream",
+        request_serializer=None,
+        response_deserializer=fraud_pb2.ScoreResponse.FromString,
     )
     sent = stream + [request("last").SerializeToString()]  # still answered after all of them
     answers = list(call(iter(sent), timeout=10))
@@ -193,7 +197,9 @@ def test_every_frame_on_a_stream_gets_an_answer_and_the_stream_stays_open(channe
 @given(frame=frames)
 def test_a_unary_call_answers_ok_or_invalid_argument(channel, frame):
     score = channel.unary_unary(
-        "/fraud.v1.FraudScoring/Score", request_serializer=None, response_deserializer=fraud_pb2.ScoreResponse.FromString
+        "/fraud.v1.FraudScoring/Score",
+        request_serializer=None,
+        response_deserializer=fraud_pb2.ScoreResponse.FromString,
     )
     try:
         response = score(frame, timeout=10)
@@ -238,8 +244,20 @@ rest_payloads = (
 @LIVE
 @given(payload=rest_payloads)
 @example(payload=b'{"transaction": {"transaction_id": "\\ud800"}}')
-@example(payload=rest_body({"request_id": "r", "transaction": {"transaction_id": "t", "customer_id": 1, "terminal_id": 2,
-                                                                "amount": 3.5, "event_time_us": EVENT_TIME_MIN_US}}))
+@example(
+    payload=rest_body(
+        {
+            "request_id": "r",
+            "transaction": {
+                "transaction_id": "t",
+                "customer_id": 1,
+                "terminal_id": 2,
+                "amount": 3.5,
+                "event_time_us": EVENT_TIME_MIN_US,
+            },
+        }
+    )
+)
 @example(payload=b"[" * 100_000 + b"]" * 100_000)
 def test_any_rest_body_gets_a_decision_or_a_4xx_in_the_one_error_shape(server, payload):
     connection = http.client.HTTPConnection("127.0.0.1", server[1], timeout=10)

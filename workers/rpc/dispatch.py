@@ -139,7 +139,9 @@ class Admission:
         """An engine answer reached the loop (on time or not)."""
         self.in_flight -= 1
         busy_us = timing.enrich_us + timing.inference_us + timing.decide_us
-        if not timing.device or busy_us <= 0 or timing.batch_rows <= 0:  # a fallback batch says nothing about model speed
+        if (
+            not timing.device or busy_us <= 0 or timing.batch_rows <= 0
+        ):  # a fallback batch says nothing about model speed
             return
         # Each of a batch's requests reports the batch: together they weigh one batch.
         self.cost.observe(timing.batch_rows, busy_us * 1000, weight=1 / timing.batch_rows)

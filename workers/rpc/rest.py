@@ -66,7 +66,9 @@ class TransactionBody(BaseModel):
     transaction_id: str = Field("", json_schema_extra={"minLength": 1, "maxLength": records.MAX_ID_CHARS})
     customer_id: ProtoInt64 | None = Field(None, json_schema_extra={"minimum": 0})
     terminal_id: ProtoInt64 | None = Field(None, json_schema_extra={"minimum": 0})
-    amount: float | None = Field(None, description="major currency units", json_schema_extra={"minimum": 0, "maximum": 1e9})
+    amount: float | None = Field(
+        None, description="major currency units", json_schema_extra={"minimum": 0, "maximum": 1e9}
+    )
     event_time_us: ProtoInt64 | None = Field(
         None,
         description="card presented, microseconds since the Unix epoch (UTC), years 2000..2099",
@@ -148,7 +150,9 @@ def create_app(dispatcher: Dispatcher) -> FastAPI:
         response_model=None,
         responses={200: {"model": ScoreResponseBody}, **_ERROR_RESPONSES},
         summary="Score one transaction within a budget (same semantics as gRPC FraudScoring.Score)",
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}},
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}
+        },
     )
     async def score(http: Request) -> JSONResponse:
         try:

@@ -203,7 +203,9 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
     for name in (reflection.SERVICE_NAME, REFLECTION_V1_NAME):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),)
+        )
 
 
 def _start_rest(service: RunningService, dispatcher: Dispatcher, grpc_settings: GrpcSettings) -> None:
@@ -237,7 +239,9 @@ def _child_main(settings_json: str, index: int) -> None:
     from workers.metrics import start_metrics_server
 
     settings = Settings.model_validate_json(settings_json)
-    logging.basicConfig(level=settings.log_level, format=f"%(asctime)s %(levelname)s [grpc-{index}] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format=f"%(asctime)s %(levelname)s [grpc-{index}] %(name)s: %(message)s"
+    )
     # Each process has its own registry on grpc_port + index (prometheus multiprocess mode
     # would need a shared directory and loses histograms' per-process view); the Kafka
     # worker keeps metrics.port, so both run side by side with one settings object.
@@ -306,7 +310,8 @@ def run(settings: Settings) -> int:
         return 0
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=_child_main, args=(settings.model_dump_json(), i), name=f"grpc-{i}") for i in range(count)
+        context.Process(target=_child_main, args=(settings.model_dump_json(), i), name=f"grpc-{i}")
+        for i in range(count)
     ]
     for child in children:
         child.start()

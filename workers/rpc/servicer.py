@@ -218,7 +218,9 @@ class StreamSession:
     pending requests for it (their answers, when the engine has them, are dropped).
     """
 
-    def __init__(self, dispatcher: Dispatcher, method: MethodMetrics, max_in_flight: int, max_unanswered_bytes: int) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, method: MethodMetrics, max_in_flight: int, max_unanswered_bytes: int
+    ) -> None:
         self._dispatcher = dispatcher
         self._method = method
         self._slots = asyncio.Semaphore(max_in_flight)
