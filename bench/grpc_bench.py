@@ -54,9 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def canned_response_bytes() -> bytes:
     """A ScoreResponse the size of a real one (model decision, two reason codes, timing)."""
-    from workers.engine.engine import BatchTiming
     from workers.records import Decision, Outcome
     from workers.rpc.servicer import decision_response
+    from workers.types import BatchTiming
 
     decision = Decision(
         "tx-123456",

@@ -154,6 +154,25 @@ GRPC_SHED = Counter(
     ["method"],
 )
 
+# --- REST endpoint (the same answers as gRPC Score, measured on their own) -------------
+REST_LATENCY = Histogram(
+    "fraudscore_rest_request_latency_seconds",
+    "REST handling time per route.",
+    ["route"],
+    buckets=LATENCY_BUCKETS_S,
+)
+REST_IN_FLIGHT = Gauge("fraudscore_rest_in_flight_requests", "REST requests being handled.", ["route"])
+REST_DEADLINE_FALLBACKS = Counter(
+    "fraudscore_rest_deadline_fallbacks_total",
+    "REST requests answered with the rules fallback because the deadline arrived first.",
+    ["route"],
+)
+REST_SHED = Counter(
+    "fraudscore_rest_shed_total",
+    "REST requests answered at arrival with the rules fallback (OVERLOADED): no time to score them.",
+    ["route"],
+)
+
 
 # Bound once: ``labels()`` per decision costs a dict lookup and a lock.
 _DECISIONS_BY_OUTCOME = {outcome: DECISIONS.labels(outcome.name.lower()) for outcome in Outcome}

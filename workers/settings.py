@@ -132,6 +132,13 @@ class GrpcSettings(BaseModel):
     # Requests read from one stream but not yet answered and written; past it the server stops
     # reading, so a caller that does not read its responses gets HTTP/2 flow-control back-pressure.
     max_in_flight_per_stream: int = 1024
+    # And at most this many bytes of their frames: a request is a few hundred bytes, so the
+    # count binds first in normal traffic; this binds a caller sending large frames it never
+    # has answered (each is refused, but its bytes are held until the answer is written).
+    max_unanswered_bytes_per_stream: int = 4 * 1024 * 1024
+    # The largest frame grpc accepts (a ScoreBatch; one request is limited to 64 KiB, as a
+    # Kafka event is). Larger frames end their call with RESOURCE_EXHAUSTED before being read.
+    max_message_bytes: int = 1024 * 1024
     # SIGTERM: stop accepting, answer what is in flight for up to this long, then close.
     grace_period_s: float = 5.0
     # The server processes' event loop. uvloop took ~10% less CPU per stream message than

@@ -17,6 +17,7 @@ from workers.features.definitions import CUSTOMER_FEATURES, TERMINAL_FEATURES
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.rpc.server import RunningService, start_service
 from workers.settings import EngineSettings, GrpcSettings, ModelSettings, Settings
+from workers.tracing import Tracing
 from workers.types import EntityFeatures
 
 SLOW_CUSTOMER = 7777  # the SlowReader sleeps for batches holding this customer
@@ -57,11 +58,11 @@ def service_settings(model_dir: Path, **grpc_overrides) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings, reader) -> AsyncIterator[RunningService]:
+async def serving(settings: Settings, reader, tracing: Tracing | None = None) -> AsyncIterator[RunningService]:
     """A started engine (2 executors: one may block in a slow read while the other works)."""
     engine = ScoringEngine.from_settings(settings, reader, executors=2)
     engine.start()
-    service = await start_service(settings, engine)
+    service = await start_service(settings, engine, tracing)
     try:
         yield service
     finally:

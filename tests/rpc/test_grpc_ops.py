@@ -116,6 +116,41 @@ def test_reflection_describes_the_service_without_the_proto(tmp_path):
     assert methods == ["Score", "ScoreBatch", "ScoreStream"]
 
 
+def test_reflection_v1_describes_the_service_as_grpcurl_asks_for_it(tmp_path):
+    """A v1 client (grpcurl, ghz): grpcio-reflection has no v1 module, but v1 is v1alpha's
+    protocol under another package, so v1alpha's messages speak it on the v1 method path."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    async def scenario():
+        async with (
+            serving(service_settings(tmp_path), SlowReader()) as service,
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch,
+        ):
+            call = ch.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )()
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            listed = await call.read()
+            symbol = "fraud.v1.FraudScoring.Score"  # grpcurl describe fraud.v1.FraudScoring.Score
+            await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
+            described = await call.read()
+            await call.done_writing()
+            return listed, described
+
+    listed, described = run(scenario())
+    services = {s.name for s in listed.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in described.file_descriptor_response.file_descriptor_proto
+    ]
+    methods = {m.name for f in files for svc in f.service if svc.name == "FraudScoring" for m in svc.method}
+    assert methods == {"Score", "ScoreBatch", "ScoreStream"}
+
+
 def test_tls_with_token_rejects_unauthenticated_callers(tmp_path, pki):
     settings = service_settings(tmp_path, tls_cert=pki["server"], tls_key=pki["server_key"], bearer_token=TOKEN)
     credentials = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())

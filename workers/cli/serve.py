@@ -45,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.grpc:
         from workers.rpc.server import ServiceThread
 
-        service = ServiceThread(settings, engine)
+        service = ServiceThread(settings, engine, tracing)
         service.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())

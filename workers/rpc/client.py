@@ -101,7 +101,8 @@ class ScoringClient:
                 )
             response = await future
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            raise StreamBroken(f"stream to {self._target} failed: {exc}") from exc
+            ended = await _call_status(stream.call)
+            raise StreamBroken(f"stream to {self._target} failed: {ended or exc}") from exc
         finally:
             stream.waiting.pop(request_id, None)
         if response.WhichOneof("result") == "error":
@@ -129,3 +130,14 @@ class ScoringClient:
         if self._credentials is not None:
             return grpc.aio.secure_channel(self._target, self._credentials, options=self._options)
         return grpc.aio.insecure_channel(self._target, options=self._options)
+
+
+async def _call_status(call: grpc.aio.StreamStreamCall, wait_s: float = 1.0) -> str | None:
+    """How the call itself ended ("UNAUTHENTICATED: ..."), when a write failed because it had:
+    the failed write's own error only says the write could not be sent (INTERNAL)."""
+    try:
+        code = await asyncio.wait_for(call.code(), wait_s)
+        details = await asyncio.wait_for(call.details(), wait_s)
+    except (TimeoutError, grpc.aio.AioRpcError, asyncio.CancelledError):
+        return None
+    return f"{code.name}: {details}"
