@@ -31,12 +31,16 @@ def _port_open(host: str, port: int) -> bool:
 def _stack_running(settings: Settings) -> bool:
     kafka_host, kafka_port = settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)
     redis = urlparse(settings.redis.url)
-    return _port_open(kafka_host, int(kafka_port)) and _port_open(redis.hostname, redis.port)
+    return (
+        _port_open(kafka_host, int(kafka_port))
+        and _port_open(redis.hostname, redis.port)
+        and _port_open("127.0.0.1", settings.metrics.prometheus_port)
+    )
 
 
 @pytest.fixture(scope="session")
 def local_stack() -> Iterator[Settings]:
-    """The settings of a running local stack (Kafka + Redis)."""
+    """The settings of a running local stack (Kafka + Redis + Prometheus)."""
     settings = load_settings()
     started_here = not _stack_running(settings)
     if started_here:
