@@ -79,7 +79,7 @@ def test_docker_prometheus_scrapes_what_the_stack_generator_scrapes_and_compose_
 
 
 def test_generated_prometheus_setup_has_a_target_per_grpc_process(tmp_path: Path) -> None:
-    from workers.stack_env import GRPC_JOB, WORKER_JOB, RULES_FILE, scrape_targets, write_prometheus_setup
+    from workers.stack_env import GRPC_JOB, RULES_FILE, WORKER_JOB, scrape_targets, write_prometheus_setup
 
     targets = scrape_targets(MetricsSettings(port=49108, grpc_port=49110), GrpcSettings(processes=3))
     assert targets == {WORKER_JOB: ["127.0.0.1:49108"], GRPC_JOB: [f"127.0.0.1:{p}" for p in (49110, 49111, 49112)]}
