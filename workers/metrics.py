@@ -62,6 +62,8 @@ QUEUE_REJECTED = Counter(
     "Rows refused because the batcher queue was full (back-pressure).",
     ["priority"],
 )
+for _priority in ("sync", "stream"):  # exported at 0: the dashboard shows none refused, not "no data"
+    QUEUE_REJECTED.labels(_priority)
 ROUTED_BATCHES = Counter(
     "fraudscore_routed_batches_total",
     "Batches sent to each session pool by the router.",
