@@ -66,6 +66,13 @@ class Heartbeat:
         return CheckResult(True, f"last turn {age:.1f} s ago")
 
 
+async def tick_forever(heartbeat: Heartbeat, interval_s: float = 1.0) -> None:
+    """Beats ``heartbeat`` from the running event loop: if the loop is blocked, it stops."""
+    while True:
+        heartbeat.beat()
+        await asyncio.sleep(interval_s)
+
+
 class Probes:
     """The named liveness and readiness checks of one process."""
 
@@ -189,7 +196,7 @@ def _handler_for(probes: Probes) -> type[BaseHTTPRequestHandler]:
                                                                 "paths": ["/metrics", "/livez", "/readyz"]}).encode())
 
         def _metrics(self) -> None:
-            encoder, content_type = choose_encoder(self.headers.get("Accept"))
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             self._send(200, content_type, encoder(REGISTRY))
 
         def _probe(self, ok: bool, results: dict[str, CheckResult]) -> None:
@@ -211,10 +218,3 @@ def _handler_for(probes: Probes) -> type[BaseHTTPRequestHandler]:
             pass  # a scrape every few seconds is not news
 
     return Handler
-
-
-async def tick_forever(heartbeat: Heartbeat, interval_s: float = 1.0) -> None:
-    """Beats ``heartbeat`` from the running event loop: if the loop is blocked, it stops."""
-    while True:
-        heartbeat.beat()
-        await asyncio.sleep(interval_s)
