@@ -53,8 +53,11 @@ def strict(schema: Any) -> Any:
         schema.pop("type", None)
         schema.pop("format", None)
         schema["oneOf"] = [{"type": "string"}, {"type": "integer"}]
-    if "properties" in schema and "additionalProperties" not in schema \
-            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         schema["additionalProperties"] = False
     return schema
 

@@ -43,9 +43,14 @@ class PrometheusServer:
     def start(self) -> PrometheusServer:
         log = (self.directory / "prometheus.log").open("ab")
         self._process = subprocess.Popen(
-            [prometheus_binary(), f"--config.file={self.config}", f"--storage.tsdb.path={self.directory / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                prometheus_binary(),
+                f"--config.file={self.config}",
+                f"--storage.tsdb.path={self.directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

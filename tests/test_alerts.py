@@ -40,11 +40,20 @@ def _for_s(rule: dict) -> float:
 
 def test_promtool_unit_tests_pass_with_a_firing_and_a_quiet_case_per_alert() -> None:
     prometheus_binary()  # promtool comes in the same Debian package
-    result = subprocess.run(["promtool", "test", "rules", "rules_test.yml"], cwd=RULES_DIR,
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        ["promtool", "test", "rules", "rules_test.yml"],
+        cwd=RULES_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    cases = [case for test in yaml.safe_load((RULES_DIR / "rules_test.yml").read_text())["tests"]
-             for case in test["alert_rule_test"]]
+    cases = [
+        case
+        for test in yaml.safe_load((RULES_DIR / "rules_test.yml").read_text())["tests"]
+        for case in test["alert_rule_test"]
+    ]
     fires = {case["alertname"] for case in cases if case["exp_alerts"]}
     quiet = {case["alertname"] for case in cases if not case["exp_alerts"]}
     assert fires == set(_rules()), "every alert needs a test where it fires"
@@ -82,8 +91,9 @@ def test_redis_stopped_and_a_process_stopped_fire_their_alerts_in_a_real_prometh
     add_engine_checks(scoring.probes, engine, settings.metrics.loop_stall_s)
     doomed = HealthServer("127.0.0.1", 0, Probes()).start()  # the process that will stop
     scoring_at, doomed_at = f"127.0.0.1:{scoring.port}", f"127.0.0.1:{doomed.port}"
-    prometheus = PrometheusServer(tmp_path / "prometheus", {"fraudscore-grpc": [scoring_at],
-                                                            "fraudscore-worker": [doomed_at]}).start()
+    prometheus = PrometheusServer(
+        tmp_path / "prometheus", {"fraudscore-grpc": [scoring_at], "fraudscore-worker": [doomed_at]}
+    ).start()
     rules = _rules()
     try:
         deadline = time.monotonic() + 30
@@ -105,14 +115,17 @@ def test_redis_stopped_and_a_process_stopped_fire_their_alerts_in_a_real_prometh
                 if name not in fired and any(labels["instance"] == instance for labels in firing.get(name, [])):
                     fired[name] = time.monotonic() - faulted
             time.sleep(0.25)
-        store_labels = next(labels for labels in prometheus.firing()["FraudscoreStoreUnusable"]
-                            if labels["instance"] == scoring_at)
+        store_labels = next(
+            labels for labels in prometheus.firing()["FraudscoreStoreUnusable"] if labels["instance"] == scoring_at
+        )
     finally:
         prometheus.stop()
         scoring.stop()
         engine.stop(drain=True)
     for name, after_s in fired.items():
         window = _for_s(rules[name])
-        assert window <= after_s <= window + SLACK_S, f"{name} fired {after_s:.1f} s after the fault (for: {window:.0f} s)"
+        assert window <= after_s <= window + SLACK_S, (
+            f"{name} fired {after_s:.1f} s after the fault (for: {window:.0f} s)"
+        )
     assert store_labels["state"] == "unreachable" and store_labels["severity"] == "page"
     print({name: f"{after_s:.1f} s" for name, after_s in fired.items()})

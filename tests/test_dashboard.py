@@ -46,8 +46,11 @@ def _dashboard() -> dict:
 
 def _targets(dashboard: dict) -> list[tuple[str, str, str]]:
     """(panel title, refId, expr) of every query; rows hold no queries."""
-    return [(panel["title"], target["refId"], target["expr"])
-            for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    return [
+        (panel["title"], target["refId"], target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    ]
 
 
 def _substituted(expr: str) -> str:
@@ -106,16 +109,30 @@ def test_dashboard_follows_the_dashboard_linter_rules() -> None:
 
 def test_grafana_dashboard_linter_passes() -> None:
     """Grafana's own linter, built from the Go module proxy by scripts/tools.sh into .tools/."""
-    built = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "tools.sh"), "dashboard-linter"],
-                           capture_output=True, text=True, timeout=600, check=False)
+    built = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "tools.sh"), "dashboard-linter"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if built.returncode == 3:
-        pytest.skip("Go is not installed: Grafana's dashboard-linter cannot be built (the rules are "
-                    "still checked by test_dashboard_follows_the_dashboard_linter_rules)")
+        pytest.skip(
+            "Go is not installed: Grafana's dashboard-linter cannot be built (the rules are "
+            "still checked by test_dashboard_follows_the_dashboard_linter_rules)"
+        )
     if built.returncode != 0:
-        pytest.skip(f"Grafana's dashboard-linter does not build here: {built.stderr.strip()[-400:]} (its rules "
-                    "are still checked by test_dashboard_follows_the_dashboard_linter_rules)")
-    linted = subprocess.run([built.stdout.strip(), "lint", "--strict", str(DASHBOARD_PATH)],
-                            capture_output=True, text=True, timeout=120, check=False)
+        pytest.skip(
+            f"Grafana's dashboard-linter does not build here: {built.stderr.strip()[-400:]} (its rules "
+            "are still checked by test_dashboard_follows_the_dashboard_linter_rules)"
+        )
+    linted = subprocess.run(
+        [built.stdout.strip(), "lint", "--strict", str(DASHBOARD_PATH)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
@@ -132,21 +149,25 @@ def _ready(port: int) -> bool:
 
 def _start(args: list[str], env: dict[str, str], log_path: Path) -> WorkerProcess:
     with log_path.open("ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "workers", *args], env=env, cwd=REPO_ROOT,
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers", *args], env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT
+        )
     return WorkerProcess(process, log_path)
 
 
 def _grpc_traffic(port: int, txns: list, channels: int = 4) -> int:
     """Unary Score calls spread over a few connections (SO_REUSEPORT spreads connections)."""
     answered = 0
-    opened = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.primary_user_agent", f"dash-{i}")])
-              for i in range(channels)]
+    opened = [
+        grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.primary_user_agent", f"dash-{i}")])
+        for i in range(channels)
+    ]
     try:
         stubs = [fraud_pb2_grpc.FraudScoringStub(channel) for channel in opened]
         for i, txn in enumerate(txns):
-            request = fraud_pb2.ScoreRequest(request_id=f"r{i}", transaction=codec.transaction_to_proto(txn),
-                                             budget_us=50_000)
+            request = fraud_pb2.ScoreRequest(
+                request_id=f"r{i}", transaction=codec.transaction_to_proto(txn), budget_us=50_000
+            )
             reply = stubs[i % channels].Score(request, timeout=10)
             answered += reply.decision.transaction_id == txn.transaction_id
     finally:
@@ -166,8 +187,11 @@ def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_b
     base_env = worker_env(kafka_topics, _feast_env(features))
     # The configured ports, so the local stack's Prometheus scrapes these very processes too.
     worker = _start(["serve"], {**base_env, "FRAUDSCORE_METRICS__PORT": str(metrics.port)}, tmp_path / "worker.log")
-    servers = _start(["grpc", "--processes", str(GRPC_PROCESSES), "--port", str(grpc_port), "--rest-port", "0"],
-                     {**base_env, "FRAUDSCORE_METRICS__GRPC_PORT": str(metrics.grpc_port)}, tmp_path / "grpc.log")
+    servers = _start(
+        ["grpc", "--processes", str(GRPC_PROCESSES), "--port", str(grpc_port), "--rest-port", "0"],
+        {**base_env, "FRAUDSCORE_METRICS__GRPC_PORT": str(metrics.grpc_port)},
+        tmp_path / "grpc.log",
+    )
     targets = scrape_targets(metrics, GrpcSettings(processes=GRPC_PROCESSES))
     prometheus = PrometheusServer(tmp_path / "prometheus", targets).start()
     collector = Collector(kafka_topics, kafka_topics.decisions_topic)
@@ -184,8 +208,8 @@ def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_b
         produce(kafka_topics, [(f"bad-{i}", b"{not json") for i in range(10)])  # the DLQ panel's data
         traffic_started = time.monotonic()
         for chunk in range(0, len(kafka_txns), 100):  # spread over time so rates see it
-            produce_transactions(kafka_topics, kafka_txns[chunk:chunk + 100])
-            assert _grpc_traffic(grpc_port, grpc_txns[chunk // 2:chunk // 2 + 50]) == 50
+            produce_transactions(kafka_topics, kafka_txns[chunk : chunk + 100])
+            assert _grpc_traffic(grpc_port, grpc_txns[chunk // 2 : chunk // 2 + 50]) == 50
             time.sleep(1.0)
         collector.read_until(lambda m: len(m) >= len(kafka_txns), timeout_s=60)
         # A few scrapes and rule evaluations after the traffic; lag is reported every 5 s.
@@ -193,8 +217,9 @@ def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_b
 
         stack_up = _stack_prometheus_up(local_stack, [f"127.0.0.1:{metrics.port}", f"127.0.0.1:{metrics.grpc_port}"])
         up = prometheus.targets_up()
-        results = {(title, ref): query_at(prometheus.url, _substituted(expr))
-                   for title, ref, expr in _targets(_dashboard())}
+        results = {
+            (title, ref): query_at(prometheus.url, _substituted(expr)) for title, ref, expr in _targets(_dashboard())
+        }
         job_values = prometheus.api("label/job/values", **{"match[]": 'up{job=~"fraudscore-.*"}'})
         instance_values = prometheus.api("label/instance/values", **{"match[]": f'up{{job=~"{GRPC_JOB}"}}'})
     finally:
@@ -206,7 +231,8 @@ def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_b
     assert len(collector.messages) >= len(kafka_txns)
     assert up == {(job, address): 1.0 for job, addresses in targets.items() for address in addresses}
     assert stack_up == {f"127.0.0.1:{metrics.port}": 1.0, f"127.0.0.1:{metrics.grpc_port}": 1.0}, (
-        "the local stack's Prometheus scrapes the worker and the gRPC process on the configured ports")
+        "the local stack's Prometheus scrapes the worker and the gRPC process on the configured ports"
+    )
     assert sorted(job_values) == [GRPC_JOB, WORKER_JOB]
     assert sorted(instance_values) == sorted(targets[GRPC_JOB])
     empty = [f"{title} [{ref}]" for (title, ref), result in results.items() if not has_numbers(result)]
@@ -219,8 +245,11 @@ def _stack_prometheus_up(settings: Settings, instances: list[str], timeout_s: fl
     url = f"http://127.0.0.1:{settings.metrics.prometheus_port}"
     deadline = time.monotonic() + timeout_s
     while True:
-        seen = {s["metric"]["instance"]: float(s["value"][1]) for s in query_at(url, 'up{job=~"fraudscore-.*"}')
-                if s["metric"]["instance"] in instances}
+        seen = {
+            s["metric"]["instance"]: float(s["value"][1])
+            for s in query_at(url, 'up{job=~"fraudscore-.*"}')
+            if s["metric"]["instance"] in instances
+        }
         if (len(seen) == len(instances) and all(seen.values())) or time.monotonic() > deadline:
             return seen
         time.sleep(1.0)

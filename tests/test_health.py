@@ -147,8 +147,9 @@ def test_metrics_livez_readyz_and_404_are_distinct(server: HealthServer) -> None
 
 
 def test_metrics_honour_openmetrics_negotiation(server: HealthServer) -> None:
-    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics",
-                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     with urllib.request.urlopen(request, timeout=5) as reply:
         assert reply.headers["Content-Type"].startswith("application/openmetrics-text")
         assert reply.read().decode().rstrip().endswith("# EOF")
@@ -157,7 +158,9 @@ def test_metrics_honour_openmetrics_negotiation(server: HealthServer) -> None:
 # --- the engine's checks ----------------------------------------------------------------
 
 
-def test_an_executor_stuck_in_one_batch_fails_livez_and_an_idle_one_does_not(tmp_path: Path, server: HealthServer) -> None:
+def test_an_executor_stuck_in_one_batch_fails_livez_and_an_idle_one_does_not(
+    tmp_path: Path, server: HealthServer
+) -> None:
     settings = service_settings(tmp_path / "model")
     reader = SlowReader()
     engine = ScoringEngine.from_settings(settings, reader, executors=2)
@@ -280,12 +283,22 @@ def test_a_serve_grpc_process_answers_probes_and_is_ready_only_once_built_and_as
     kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
 ) -> None:
     metrics_port, grpc_port = _free_port(), _free_port()
-    env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_METRICS__PORT=str(metrics_port),
-                     FRAUDSCORE_GRPC__PORT=str(grpc_port), FRAUDSCORE_GRPC__REST_PORT="0")
+    env = worker_env(
+        kafka_topics,
+        _feast_env(features),
+        FRAUDSCORE_METRICS__PORT=str(metrics_port),
+        FRAUDSCORE_GRPC__PORT=str(grpc_port),
+        FRAUDSCORE_GRPC__REST_PORT="0",
+    )
     log_path = tmp_path / "serve.log"
     with log_path.open("ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "workers", "serve", "--grpc"], env=env, cwd=REPO_ROOT,
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers", "serve", "--grpc"],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     worker = WorkerProcess(process, log_path)
     before_ready: list[list[str]] = []  # the failed checks of each 503 seen before the first 200
     try:
@@ -312,4 +325,6 @@ def test_a_serve_grpc_process_answers_probes_and_is_ready_only_once_built_and_as
     assert ready["checks"]["kafka_assignment"]["detail"].startswith("6 partitions assigned")
     assert live_status == 200 and set(live["checks"]) == {"engine_executors", "kafka_poll_loop", "grpc_event_loop"}
     assert serving == SERVING and missing_status == 404
-    print(f"{len(before_ready)} not-ready answers first; failed checks seen: {sorted({c for f in before_ready for c in f})}")
+    print(
+        f"{len(before_ready)} not-ready answers first; failed checks seen: {sorted({c for f in before_ready for c in f})}"
+    )

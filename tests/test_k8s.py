@@ -22,24 +22,38 @@ WORKER_DRAIN_S = 30 + 10
 
 @cache
 def tool(name: str) -> str:
-    built = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "tools.sh"), name],
-                           capture_output=True, text=True, timeout=900, check=False)
+    built = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "tools.sh"), name],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     if built.returncode == 3:
-        pytest.skip(f"Go is not installed: {name} cannot be built from the Go module proxy, "
-                    "so the Kubernetes manifests are not validated")
+        pytest.skip(
+            f"Go is not installed: {name} cannot be built from the Go module proxy, "
+            "so the Kubernetes manifests are not validated"
+        )
     assert built.returncode == 0, f"scripts/tools.sh {name} failed:\n{built.stderr[-2000:]}"
     return built.stdout.strip()
 
 
 def render(kustomization: Path) -> str:
-    return subprocess.run([tool("kustomize"), "build", str(kustomization)], capture_output=True, text=True,
-                          check=True, timeout=120).stdout
+    return subprocess.run(
+        [tool("kustomize"), "build", str(kustomization)], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
 
 
 def kubeconform(manifests: str) -> subprocess.CompletedProcess:
     location = f"{tool('k8s-schemas')}/{{{{ .ResourceKind }}}}{{{{ .KindSuffix }}}}.json"
-    return subprocess.run([tool("kubeconform"), "-strict", "-summary", "-schema-location", location, "-"],
-                          input=manifests, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [tool("kubeconform"), "-strict", "-summary", "-schema-location", location, "-"],
+        input=manifests,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def objects(manifests: str) -> dict[tuple[str, str], dict]:

@@ -95,8 +95,13 @@ def _report(outcomes, latencies_ms: list[float], sample, elapsed_s: float) -> No
         return
     p50, p99 = np.percentile(latencies_ms, [50, 99])
     counts = ", ".join(f"{name} {n}" for name, n in sorted(outcomes.items()))
-    print(f"{total / elapsed_s:7.0f} decisions/s | event->decision p50 {p50:.1f} ms p99 {p99:.1f} ms | {counts}",
-          flush=True)
+    print(
+        f"{total / elapsed_s:7.0f} decisions/s | event->decision p50 {p50:.1f} ms p99 {p99:.1f} ms | {counts}",
+        flush=True,
+    )
     if sample is not None:
-        print(f"    e.g. {sample.transaction_id}: {sample.outcome} score={sample.score:.3f} "
-              f"reasons={sample.reason_codes}", flush=True)
+        print(
+            f"    e.g. {sample.transaction_id}: {sample.outcome} score={sample.score:.3f} "
+            f"reasons={sample.reason_codes}",
+            flush=True,
+        )

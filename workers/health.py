@@ -192,8 +192,11 @@ def _handler_for(probes: Probes) -> type[BaseHTTPRequestHandler]:
             elif path == "/readyz":
                 self._probe(*probes.ready())
             else:
-                self._send(404, "application/json", json.dumps({"error": f"no such path: {path}",
-                                                                "paths": ["/metrics", "/livez", "/readyz"]}).encode())
+                self._send(
+                    404,
+                    "application/json",
+                    json.dumps({"error": f"no such path: {path}", "paths": ["/metrics", "/livez", "/readyz"]}).encode(),
+                )
 
         def _metrics(self) -> None:
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))

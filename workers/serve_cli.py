@@ -18,8 +18,11 @@ log = logging.getLogger("fraudscore")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grpc", action="store_true",
-                   help="also serve gRPC (+ REST) from this process, on the same engine: callers come first")
+    p.add_argument(
+        "--grpc",
+        action="store_true",
+        help="also serve gRPC (+ REST) from this process, on the same engine: callers come first",
+    )
 
 
 @command("serve", "run the Kafka worker: transactions -> decisions (metrics on the metrics port)", _serve_args)
@@ -39,7 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
     engine = build_engine(settings)
     add_engine_checks(probes, engine, stall_s)
     worker = KafkaWorker(
-        settings.kafka, engine, max_chunk_rows=settings.engine.max_batch_size,
+        settings.kafka,
+        engine,
+        max_chunk_rows=settings.engine.max_batch_size,
         budget_ms=settings.kafka.decision_budget_ms,
     )
     probes.add_live("kafka_poll_loop", lambda: worker.loop.check(stall_s))

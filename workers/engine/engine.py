@@ -113,9 +113,7 @@ class ScoringEngine:
         self._warnings = RateLimitedLog(log, _WARNING_INTERVAL_S)
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, reader: FeatureReader, *, executors: int | None = None
-    ) -> ScoringEngine:
+    def from_settings(cls, settings: Settings, reader: FeatureReader, *, executors: int | None = None) -> ScoringEngine:
         """Loads the configured model (raises ``ModelLoadError`` if it cannot serve)."""
         holder = ModelHolder(
             ModelRegistry(settings.model.directory),
@@ -145,7 +143,11 @@ class ScoringEngine:
         """``submit`` for several requests at once (one lock, one executor wake-up); per
         request, whether it was queued. A request with no transactions is answered at once."""
         now = time.monotonic_ns()
-        queued = [Request(txns, deadline_ns, priority, on_done, now) for txns, deadline_ns, priority, on_done in requests if txns]
+        queued = [
+            Request(txns, deadline_ns, priority, on_done, now)
+            for txns, deadline_ns, priority, on_done in requests
+            if txns
+        ]
         verdicts = iter(self.batcher.submit_many(queued))
         accepted = []
         for txns, _, _, on_done in requests:
@@ -320,7 +322,11 @@ class ScoringEngine:
             self._warnings.warning("assemble", "features unusable for %d rows: %r", n, exc)
             return None, DegradedCause.FEATURES_UNAVAILABLE, _detail("features unavailable", exc)
         if features.shape[0] != n:
-            return None, DegradedCause.FEATURES_UNAVAILABLE, f"reader returned {features.shape[0]} rows for {n} transactions"
+            return (
+                None,
+                DegradedCause.FEATURES_UNAVAILABLE,
+                f"reader returned {features.shape[0]} rows for {n} transactions",
+            )
         return features, DegradedCause.NONE, ""
 
     def _read_failed(self, exc: Exception, rows: int) -> tuple[DegradedCause, str]:
@@ -382,18 +388,20 @@ class ScoringEngine:
             queue_ns = dequeued_ns - request.enqueued_ns
             metrics.STAGE_QUEUE_WAIT.observe(queue_ns / 1e9)
             total_us = (time.monotonic_ns() - request.enqueued_ns) // 1000
-            timing = BatchTiming(
-                queue_ns // 1000, enrich_us, inference_us, decide_us, total_us, stages.device, rows
-            )
+            timing = BatchTiming(queue_ns // 1000, enrich_us, inference_us, decide_us, total_us, stages.device, rows)
             try:
                 request.on_done(mine, timing)
             except Exception:
                 log.exception("on_done callback raised; the engine carries on")
 
 
-_READ_ERRORS = {state: metrics.FEATURE_READ_ERRORS.labels(state.value) for state in (StoreState.UNREACHABLE, StoreState.LOST)}
-_ROWS = {kind: (metrics.FEATURE_ROWS.labels(kind), metrics.FEATURE_ROWS_MISSING.labels(kind))
-         for kind in ("customer", "terminal")}
+_READ_ERRORS = {
+    state: metrics.FEATURE_READ_ERRORS.labels(state.value) for state in (StoreState.UNREACHABLE, StoreState.LOST)
+}
+_ROWS = {
+    kind: (metrics.FEATURE_ROWS.labels(kind), metrics.FEATURE_ROWS_MISSING.labels(kind))
+    for kind in ("customer", "terminal")
+}
 
 
 def _count_rows(entity: EntityFeatures, n: int) -> None:

@@ -107,11 +107,14 @@ class KafkaWorker:
             self._producer.init_transactions(30)
             self._producer.begin_transaction()
         self._consumer.subscribe(
-            [self._kafka.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+            [self._kafka.transactions_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        log.info("consuming %s as group %s (%s)", self._kafka.transactions_topic, self._kafka.group_id,
-                 self._kafka.delivery)
+        log.info(
+            "consuming %s as group %s (%s)", self._kafka.transactions_topic, self._kafka.group_id, self._kafka.delivery
+        )
         try:
             while not self._stop.is_set():
                 self._step()
@@ -234,8 +237,9 @@ class KafkaWorker:
     def _produce_decision(self, chunk: Chunk, source: Message, decision: Decision) -> None:
         headers = [("model-version", decision.model_version), ("content-type", self._decision_content_type)]
         on_delivery = functools.partial(self._on_decision_delivery, chunk, source)
-        self._produce(self._kafka.decisions_topic, decision.transaction_id, self._encode_decision(decision), headers,
-                      on_delivery)
+        self._produce(
+            self._kafka.decisions_topic, decision.transaction_id, self._encode_decision(decision), headers, on_delivery
+        )
 
     def _produce(self, topic: str, key: str | bytes | None, value: bytes | None, headers: list, on_delivery) -> None:
         while True:
@@ -276,8 +280,15 @@ class KafkaWorker:
             headers.append(("dlq-truncated-from-bytes", str(len(value)).encode()))
             value = value[:_DLQ_MAX_VALUE_BYTES]
         metrics.DLQ_MESSAGES.labels(kind).inc()
-        self._warn.warning(f"dlq:{kind}", "offset %s/%d/%d to DLQ (%s): %s", source.topic(), source.partition(),
-                           source.offset(), kind, reason[:200])
+        self._warn.warning(
+            f"dlq:{kind}",
+            "offset %s/%d/%d to DLQ (%s): %s",
+            source.topic(),
+            source.partition(),
+            source.offset(),
+            kind,
+            reason[:200],
+        )
         on_delivery = functools.partial(self._on_dlq_delivery, chunk)
         try:
             self._produce(self._kafka.dlq_topic, source.key(), value, headers, on_delivery)
@@ -338,8 +349,11 @@ class KafkaWorker:
         while self._tracker.in_flight(partitions) > 0:
             self.loop.beat()  # waiting on the engine and the broker is turning, not stuck
             if time.monotonic() > deadline:
-                log.error("gave up draining after %.0fs: %d messages in flight", timeout_s,
-                          self._tracker.in_flight(partitions))
+                log.error(
+                    "gave up draining after %.0fs: %d messages in flight",
+                    timeout_s,
+                    self._tracker.in_flight(partitions),
+                )
                 return False
             self._producer.poll(0.005)
         return True
@@ -408,14 +422,16 @@ def _content_type(message: Message) -> str | None:
 
 
 # Delivery errors that no retry can cure: the record itself is refused.
-_REFUSED_FOR_GOOD = frozenset({
-    KafkaError.MSG_SIZE_TOO_LARGE,
-    KafkaError.RECORD_LIST_TOO_LARGE,
-    KafkaError.INVALID_RECORD,
-    KafkaError.POLICY_VIOLATION,
-    KafkaError.TOPIC_EXCEPTION,
-    KafkaError._INVALID_ARG,
-})
+_REFUSED_FOR_GOOD = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError._INVALID_ARG,
+    }
+)
 
 
 def _can_never_land(error: KafkaError) -> bool:

@@ -164,7 +164,9 @@ def _child_main(settings_json: str, index: int) -> None:
     from workers.metrics import start_metrics_server
 
     settings = Settings.model_validate_json(settings_json)
-    logging.basicConfig(level=settings.log_level, format=f"%(asctime)s %(levelname)s [grpc-{index}] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format=f"%(asctime)s %(levelname)s [grpc-{index}] %(name)s: %(message)s"
+    )
     # Each process has its own registry on grpc_port + index (prometheus multiprocess mode
     # would need a shared directory and loses histograms' per-process view); the Kafka
     # worker keeps metrics.port, so both run side by side with one settings object.
@@ -235,7 +237,8 @@ def run(settings: Settings) -> int:
         return 0
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=_child_main, args=(settings.model_dump_json(), i), name=f"grpc-{i}") for i in range(count)
+        context.Process(target=_child_main, args=(settings.model_dump_json(), i), name=f"grpc-{i}")
+        for i in range(count)
     ]
     for child in children:
         child.start()

@@ -19,7 +19,9 @@ from workers.engine.engine import ScoringEngine
 from workers.health import engine_ready
 
 
-async def follow_store_health(servicer: health.aio.HealthServicer, engine: ScoringEngine, services: tuple[str, ...]) -> None:
+async def follow_store_health(
+    servicer: health.aio.HealthServicer, engine: ScoringEngine, services: tuple[str, ...]
+) -> None:
     """Sets ``services``' status from the engine's store state now and on every change."""
     loop = asyncio.get_running_loop()
     in_order = asyncio.Lock()
