@@ -68,7 +68,7 @@ run_tests() {
   stack up
   # Go tools the tests run (built once into .tools/; minutes on a fresh machine, so not
   # inside a test's time limit).
-  bash "$ROOT/scripts/tools.sh" jaeger >/dev/null
+  PYTHON=$PY bash "$ROOT/scripts/tools.sh" all
   "$PY" -m pytest "$@"
 }
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The local stack without Docker: a single-node Apache Kafka broker (KRaft) and a redis-server,
-# both on 127.0.0.1, at the addresses the worker's settings name (python -m workers.cli.stack_env).
+# The local stack without Docker: a single-node Apache Kafka broker (KRaft), a redis-server and
+# a Prometheus, all on 127.0.0.1, at the addresses the worker's settings name
+# (python -m workers.cli.stack_env). Prometheus scrapes every fraudscore process the settings
+# describe (the worker, each gRPC process) from target files generated from the same settings,
+# and loads the alert rules in deploy/prometheus/rules.yml.
 #
-#   scripts/stack.sh up       install what is missing, start (or reuse) Kafka + Redis, create topics
-#   scripts/stack.sh down     stop what this script started (down kafka / down redis: one of them)
+#   scripts/stack.sh up       install what is missing, start (or reuse) Kafka + Redis + Prometheus, create topics
+#   scripts/stack.sh down     stop what this script started (down kafka / redis / prometheus: only those named)
+#   scripts/stack.sh down-services   name the services not answering now (those `up` would start)
 #   scripts/stack.sh status   say what is running
 #
 # Kafka's jars come from Maven Central (scripts/kafka/pom.xml) into $FRAUDSCORE_CACHE
@@ -36,6 +40,8 @@ ensure_system_packages() {
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
+  # Debian's package brings promtool too (the alert-rule tests run it).
+  command -v prometheus >/dev/null || missing+=(prometheus)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
@@ -94,6 +100,29 @@ wait_until_ready(load_settings().kafka, timeout_s=90)"; then
   log "kafka $KAFKA_VERSION up on $KAFKA_HOST:$KAFKA_PORT (KRaft, log: $STATE/kafka.log)"
 }
 
+prometheus_ready() {
+  "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+    "http://$PROMETHEUS_HOST:$PROMETHEUS_PORT/-/ready" 2>/dev/null
+}
+
+start_prometheus() {
+  local dir=$STATE/prometheus
+  mkdir -p "$dir"
+  # Targets are (re)written even when a Prometheus is reused: it re-reads them on change.
+  "$PY" -m workers.cli.stack_env prometheus "$dir" >/dev/null
+  if port_open "$PROMETHEUS_HOST" "$PROMETHEUS_PORT"; then
+    log "prometheus already answering on $PROMETHEUS_HOST:$PROMETHEUS_PORT (reused)"
+    return
+  fi
+  setsid prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+    --storage.tsdb.retention.time=2d --web.listen-address="$PROMETHEUS_HOST:$PROMETHEUS_PORT" \
+    --web.enable-lifecycle >"$STATE/prometheus.log" 2>&1 < /dev/null &
+  echo $! > "$STATE/prometheus.pid"
+  for _ in $(seq 100); do prometheus_ready && break; sleep 0.2; done
+  prometheus_ready || { log "prometheus did not start:"; tail -20 "$STATE/prometheus.log" >&2; exit 1; }
+  log "prometheus up on http://$PROMETHEUS_HOST:$PROMETHEUS_PORT (targets: $dir/targets, log: $STATE/prometheus.log)"
+}
+
 create_topics() {
   "$PY" -m workers topics >&2
 }
@@ -115,6 +144,8 @@ stop_pidfile() {
 status() {
   port_open "$KAFKA_HOST" "$KAFKA_PORT" && echo "kafka: up on $KAFKA_HOST:$KAFKA_PORT" || echo "kafka: down"
   port_open "$REDIS_HOST" "$REDIS_PORT" && echo "redis: up on $REDIS_HOST:$REDIS_PORT" || echo "redis: down"
+  port_open "$PROMETHEUS_HOST" "$PROMETHEUS_PORT" && echo "prometheus: up on http://$PROMETHEUS_HOST:$PROMETHEUS_PORT" \
+    || echo "prometheus: down"
 }
 
 case "${1:-}" in
@@ -122,13 +153,14 @@ case "${1:-}" in
     ensure_system_packages
     start_redis
     start_kafka
+    start_prometheus
     create_topics
     status
     ;;
   down)
-    # `down` stops both; `down kafka` or `down redis` only the one named.
+    # `down` stops all three; `down kafka redis` only those named.
     shift
-    for service in "${@:-kafka redis}"; do
+    for service in "${@:-prometheus kafka redis}"; do
       for name in $service; do stop_pidfile "$name" "$STATE/$name.pid"; done
     done
     ;;
@@ -137,7 +169,8 @@ case "${1:-}" in
     # stops only those at its end).
     port_open "$KAFKA_HOST" "$KAFKA_PORT" || printf 'kafka '
     port_open "$REDIS_HOST" "$REDIS_PORT" || printf 'redis '
+    port_open "$PROMETHEUS_HOST" "$PROMETHEUS_PORT" || printf 'prometheus '
     ;;
   status) status ;;
-  *) echo "usage: $0 up|down [kafka|redis]|down-services|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down [kafka|redis|prometheus]|down-services|status" >&2; exit 2 ;;
 esac

@@ -32,12 +32,16 @@ def _port_open(host: str, port: int) -> bool:
 def _stack_running(settings: Settings) -> bool:
     kafka_host, kafka_port = settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)
     redis = urlparse(settings.redis.url)
-    return _port_open(kafka_host, int(kafka_port)) and _port_open(redis.hostname, redis.port)
+    return (
+        _port_open(kafka_host, int(kafka_port))
+        and _port_open(redis.hostname, redis.port)
+        and _port_open("127.0.0.1", settings.metrics.prometheus_port)
+    )
 
 
 @pytest.fixture(scope="session")
 def local_stack() -> Iterator[Settings]:
-    """The settings of a running local stack (Kafka + Redis)."""
+    """The settings of a running local stack (Kafka + Redis + Prometheus)."""
     settings = load_settings()
     started_here = not _stack_running(settings)
     if started_here:
@@ -77,3 +81,21 @@ def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
     """A real Jaeger (OTLP in, query API out), one for the session."""
     with running_jaeger(tmp_path_factory.mktemp("jaeger")) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def features(local_stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Simulated features (``tests.kafka.harness.SIM``) applied and materialized into the real
+    Redis (db 3, a project of their own), for tests that run real workers against them."""
+    import redis
+
+    from tests.kafka.harness import materialize
+
+    repo = tmp_path_factory.mktemp("feature_repo")
+    settings = load_settings(
+        feast={"repo_path": repo, "project": "kafkatest", "reader": "lean"},
+        redis={"url": local_stack.redis.url.rsplit("/", 1)[0] + "/3"},
+    )
+    redis.Redis.from_url(settings.redis.url).flushdb()
+    materialize(settings)
+    return settings

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from workers.cli import main
-from workers.settings import REPO_ROOT, KafkaSettings, MetricsSettings, RedisSettings, load_settings
+from workers.settings import REPO_ROOT, GrpcSettings, KafkaSettings, MetricsSettings, RedisSettings, load_settings
 
 
 def test_env_vars_override_nested_sections(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,3 +88,38 @@ def test_connection_properties_given_once_reach_every_kafka_client() -> None:
     assert connection_config(kafka, "smoke")["client.id"].startswith("fraudscore-smoke-")
     # The admin client is built from the same function (it accepts the properties without a broker).
     admin_client(KafkaSettings(bootstrap_servers="127.0.0.1:1", client={"socket.timeout.ms": 100}))
+
+
+def test_docker_prometheus_scrapes_what_the_stack_generator_scrapes_and_compose_runs_each_job() -> None:
+    """deploy/prometheus.yml (Docker) and scripts/stack.sh's generated targets name the same
+    jobs and addresses for the default settings, and compose runs a process for each job."""
+    from workers.cli.stack_env import GRPC_JOB, WORKER_JOB, scrape_targets
+
+    docker = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())
+    docker_targets = {
+        job["job_name"]: [t for static in job["static_configs"] for t in static["targets"]]
+        for job in docker["scrape_configs"]
+    }
+    assert docker_targets == scrape_targets(MetricsSettings(), GrpcSettings())
+    services = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    commands = {name: service.get("command") for name, service in services.items()}
+    assert commands["worker"] == ["fraudscore", "serve"], "fraudscore-worker scrapes metrics.port"
+    assert commands["grpc"] == ["fraudscore", "grpc"], "fraudscore-grpc scrapes metrics.grpc_port"
+    assert set(docker_targets) == {WORKER_JOB, GRPC_JOB}
+    # The rules Prometheus loads in Docker are the repository's.
+    mounts = services["prometheus"]["volumes"]
+    assert "./deploy/prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in mounts
+    assert docker["rule_files"] == ["/etc/prometheus/rules.yml"]
+
+
+def test_generated_prometheus_setup_has_a_target_per_grpc_process(tmp_path: Path) -> None:
+    from workers.cli.stack_env import GRPC_JOB, RULES_FILE, WORKER_JOB, scrape_targets, write_prometheus_setup
+
+    targets = scrape_targets(MetricsSettings(port=49108, grpc_port=49110), GrpcSettings(processes=3))
+    assert targets == {WORKER_JOB: ["127.0.0.1:49108"], GRPC_JOB: [f"127.0.0.1:{p}" for p in (49110, 49111, 49112)]}
+    config = yaml.safe_load(write_prometheus_setup(tmp_path, targets, [RULES_FILE]).read_text())
+    assert config["rule_files"] == [str(RULES_FILE)]
+    for job in config["scrape_configs"]:
+        (files,) = [sd["files"] for sd in job["file_sd_configs"]]
+        (written,) = yaml.safe_load(Path(files[0]).read_text())
+        assert written["targets"] == targets[job["job_name"]]

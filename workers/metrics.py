@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from workers.records import Decision, DegradedCause, Outcome
 
 if TYPE_CHECKING:
+    from workers.health import HealthServer, Probes
     from workers.settings import Settings
 
 LATENCY_BUCKETS_S = (
@@ -61,6 +62,8 @@ QUEUE_REJECTED = Counter(
     "Rows refused because the batcher queue was full (back-pressure).",
     ["priority"],
 )
+for _priority in ("sync", "stream"):  # exported at 0: the dashboard shows none refused, not "no data"
+    QUEUE_REJECTED.labels(_priority)
 ROUTED_BATCHES = Counter(
     "fraudscore_routed_batches_total",
     "Batches sent to each session pool by the router.",
@@ -117,6 +120,10 @@ MODEL_RELOADS = Counter(
     "Model (re)load attempts by result: loaded, refused.",
     ["result"],
 )
+# Exported at 0 from the start: a series that first appears at 1 shows no increase(), so
+# the first refused reload would not fire FraudscoreModelReloadRefused (deploy/prometheus/rules.yml).
+for _result in ("loaded", "refused"):
+    MODEL_RELOADS.labels(_result)
 
 # --- Kafka worker ---------------------------------------------------------------------
 DLQ_MESSAGES = Counter(
@@ -189,9 +196,10 @@ def count_decisions(decisions: Sequence[Decision]) -> None:
             _DEGRADED_BY_CAUSE[decision.degraded_cause].inc()
 
 
-def start_metrics_server(settings: Settings) -> tuple[object, object]:
-    """Serves /metrics of the default registry on ``settings.metrics.host:port``.
+def start_metrics_server(settings: Settings, probes: Probes | None = None) -> HealthServer:
+    """Serves /metrics of the default registry, /livez and /readyz on
+    ``settings.metrics.host:port`` (``workers.health``); the caller adds its checks to
+    ``server.probes``. ``server.stop()`` shuts it down."""
+    from workers.health import start_health_server
 
-    Returns prometheus_client's ``(server, thread)`` so callers can shut it down.
-    """
-    return start_http_server(settings.metrics.port, addr=settings.metrics.host)
+    return start_health_server(settings, probes)

@@ -165,6 +165,13 @@ class MetricsSettings(BaseModel):
     port: int = 9108  # fraudscore serve (the Kafka worker, and gRPC too with --grpc)
     # fraudscore grpc: process i of grpc.processes serves on grpc_port + i.
     grpc_port: int = 9110
+    # /livez fails when a loop (Kafka poll, gRPC event loop) has not turned, or an engine
+    # executor has been inside one batch, for this long. Above the longest legitimate pause:
+    # a rebalance drains revoked partitions for up to 20 s (and keeps the loop ticking).
+    loop_stall_s: float = 30.0
+    # The local stack's Prometheus (scripts/stack.sh), on metrics.host; it scrapes every
+    # process above (python -m workers.cli.stack_env writes its targets).
+    prometheus_port: int = 9090
 
 
 class Settings(BaseSettings):

@@ -1,18 +1,58 @@
-"""The Grafana dashboard only queries metrics the worker actually defines."""
+"""The Grafana dashboard: it queries only metrics the code defines, follows the lint rules of
+Grafana's dashboard-linter, and every panel's query returns data from a real Prometheus after
+real traffic through both paths (a Kafka worker and two gRPC server processes)."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
+import grpc
+import pytest
+import yaml
 from prometheus_client import REGISTRY
 
 import workers.metrics  # noqa: F401  (registers every metric)
-from workers.settings import REPO_ROOT
+from tests.deploy.prometheus import PrometheusServer, has_numbers, query_at
+from tests.kafka.harness import Collector, WorkerProcess, feast_env, live, produce, produce_transactions, worker_env
+from workers import codec
+from workers.cli.stack_env import GRPC_JOB, WORKER_JOB, scrape_targets
+from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
+from workers.settings import REPO_ROOT, GrpcSettings, KafkaSettings, Settings
+
+DASHBOARD_PATH = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "fraudscore.json"
+RULES_PATH = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
+# Grafana's values for the variables when "All" is picked, and a rate window that holds a few
+# of the test Prometheus's 1 s scrapes.
+VARIABLES = {"$job": "fraudscore-.*", "$instance": ".*", "$__rate_interval": "30s"}
+GRPC_PROCESSES = 2
 
 
-def test_every_dashboard_query_names_a_defined_metric() -> None:
-    dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "dashboards" / "fraudscore.json").read_text())
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD_PATH.read_text())
+
+
+def _targets(dashboard: dict) -> list[tuple[str, str, str]]:
+    """(panel title, refId, expr) of every query; rows hold no queries."""
+    return [
+        (panel["title"], target["refId"], target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    ]
+
+
+def _substituted(expr: str) -> str:
+    for name, value in VARIABLES.items():
+        expr = expr.replace(name, value)
+    return expr
+
+
+def test_every_dashboard_query_names_a_defined_metric_or_recording_rule() -> None:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     defined = {
         family.name + suffix
@@ -20,12 +60,160 @@ def test_every_dashboard_query_names_a_defined_metric() -> None:
         if family.name.startswith("fraudscore_")
         for suffix in suffixes.get(family.type, ("",))
     }
-    queried = {
-        name
-        for panel in dashboard["panels"]
-        for target in panel["targets"]
-        for name in re.findall(r"fraudscore_[a-z_]+", target["expr"])
-    }
+    groups = yaml.safe_load(RULES_PATH.read_text())["groups"]
+    recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
+    exprs = [expr for _, _, expr in _targets(_dashboard())]
+    queried = {name for expr in exprs for name in re.findall(r"(?<![:\w])fraudscore_[a-z_]+", expr)}
+    used_rules = {name for expr in exprs for name in re.findall(r"\b[a-z_]+:fraudscore_[a-z_]+:[a-z0-9_]+", expr)}
     assert queried, "the dashboard queries nothing"
-    unknown = queried - defined
-    assert not unknown, f"dashboard queries undefined metrics: {sorted(unknown)}"
+    assert not queried - defined, f"dashboard queries undefined metrics: {sorted(queried - defined)}"
+    assert not used_rules - recorded, f"dashboard queries unknown recording rules: {sorted(used_rules - recorded)}"
+
+
+def test_dashboard_follows_the_dashboard_linter_rules() -> None:
+    """The rules of github.com/grafana/dashboard-linter, checked here whether or not it builds:
+    datasource/job/instance variables; each panel on the datasource variable with a description
+    and a unit; each selector filtered by $job and $instance; rates over $__rate_interval."""
+    dashboard = _dashboard()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name in ("job", "instance"):
+        assert variables[name]["type"] == "query" and variables[name]["includeAll"] and variables[name]["multi"]
+    assert "$job" in variables["instance"]["definition"], "instances follow the chosen job"
+    problems = []
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        title = panel["title"]
+        if panel["datasource"]["uid"] != "${datasource}":
+            problems.append(f"{title}: not on the datasource variable")
+        if not panel.get("description") or not panel["fieldConfig"]["defaults"].get("unit"):
+            problems.append(f"{title}: no description or unit")
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for selector in re.findall(r"(?<![:\w])(?:fraudscore_[a-z_]+|up)(\{[^}]*\})?", expr):
+                if 'job=~"$job"' not in selector or 'instance=~"$instance"' not in selector:
+                    problems.append(f"{title} {target['refId']}: selector {selector or '(none)'} lacks $job/$instance")
+            for window in re.findall(r"(?:rate|increase)\([^\[]*\[([^\]]+)\]", expr):
+                if window != "$__rate_interval":
+                    problems.append(f"{title} {target['refId']}: rate over [{window}], not [$__rate_interval]")
+    assert not problems, "\n".join(problems)
+
+
+# --- every panel against a real Prometheus after real traffic ---------------------------
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _start(args: list[str], env: dict[str, str], log_path: Path) -> WorkerProcess:
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers", *args], env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    return WorkerProcess(process, log_path)
+
+
+def _grpc_traffic(port: int, txns: list, channels: int = 4) -> int:
+    """Unary Score calls spread over a few connections (SO_REUSEPORT spreads connections)."""
+    answered = 0
+    opened = [
+        grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.primary_user_agent", f"dash-{i}")])
+        for i in range(channels)
+    ]
+    try:
+        stubs = [fraud_pb2_grpc.FraudScoringStub(channel) for channel in opened]
+        for i, txn in enumerate(txns):
+            request = fraud_pb2.ScoreRequest(
+                request_id=f"r{i}", transaction=codec.transaction_to_proto(txn), budget_us=50_000
+            )
+            reply = stubs[i % channels].Score(request, timeout=10)
+            answered += reply.decision.transaction_id == txn.transaction_id
+    finally:
+        for channel in opened:
+            channel.close()
+    return answered
+
+
+@pytest.mark.kafka
+@pytest.mark.redis
+@pytest.mark.timeout(300)
+def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_both_paths(
+    local_stack: Settings, kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
+) -> None:
+    metrics = local_stack.metrics
+    grpc_port = local_stack.grpc.port
+    base_env = worker_env(kafka_topics, feast_env(features))
+    # The configured ports, so the local stack's Prometheus scrapes these very processes too.
+    worker = _start(["serve"], {**base_env, "FRAUDSCORE_METRICS__PORT": str(metrics.port)}, tmp_path / "worker.log")
+    servers = _start(
+        ["grpc", "--processes", str(GRPC_PROCESSES), "--port", str(grpc_port), "--rest-port", "0"],
+        {**base_env, "FRAUDSCORE_METRICS__GRPC_PORT": str(metrics.grpc_port)},
+        tmp_path / "grpc.log",
+    )
+    targets = scrape_targets(metrics, GrpcSettings(processes=GRPC_PROCESSES))
+    prometheus = PrometheusServer(tmp_path / "prometheus", targets).start()
+    collector = Collector(kafka_topics, kafka_topics.decisions_topic)
+    try:
+        metrics_ports = [metrics.port] + [metrics.grpc_port + i for i in range(GRPC_PROCESSES)]
+        deadline = time.monotonic() + 120
+        while not all(_ready(port) for port in metrics_ports):
+            assert time.monotonic() < deadline, (worker.log()[-2000:], servers.log()[-2000:])
+            assert worker.process.poll() is None and servers.process.poll() is None, (worker.log(), servers.log())
+            time.sleep(0.5)
+
+        kafka_txns = live(600, seed=21)
+        grpc_txns = live(300, seed=22)
+        produce(kafka_topics, [(f"bad-{i}", b"{not json") for i in range(10)])  # the DLQ panel's data
+        traffic_started = time.monotonic()
+        for chunk in range(0, len(kafka_txns), 100):  # spread over time so rates see it
+            produce_transactions(kafka_topics, kafka_txns[chunk : chunk + 100])
+            assert _grpc_traffic(grpc_port, grpc_txns[chunk // 2 : chunk // 2 + 50]) == 50
+            time.sleep(1.0)
+        collector.read_until(lambda m: len(m) >= len(kafka_txns), timeout_s=60)
+        # A few scrapes and rule evaluations after the traffic; lag is reported every 5 s.
+        time.sleep(max(0.0, 12 - (time.monotonic() - traffic_started)))
+
+        stack_up = _stack_prometheus_up(local_stack, [f"127.0.0.1:{metrics.port}", f"127.0.0.1:{metrics.grpc_port}"])
+        up = prometheus.targets_up()
+        results = {
+            (title, ref): query_at(prometheus.url, _substituted(expr)) for title, ref, expr in _targets(_dashboard())
+        }
+        job_values = prometheus.api("label/job/values", **{"match[]": 'up{job=~"fraudscore-.*"}'})
+        instance_values = prometheus.api("label/instance/values", **{"match[]": f'up{{job=~"{GRPC_JOB}"}}'})
+    finally:
+        collector.close()
+        prometheus.stop()
+        assert servers.stop() == 0, servers.log()[-3000:]
+        assert worker.stop() == 0, worker.log()[-3000:]
+
+    assert len(collector.messages) >= len(kafka_txns)
+    assert up == {(job, address): 1.0 for job, addresses in targets.items() for address in addresses}
+    assert stack_up == {f"127.0.0.1:{metrics.port}": 1.0, f"127.0.0.1:{metrics.grpc_port}": 1.0}, (
+        "the local stack's Prometheus scrapes the worker and the gRPC process on the configured ports"
+    )
+    assert sorted(job_values) == [GRPC_JOB, WORKER_JOB]
+    assert sorted(instance_values) == sorted(targets[GRPC_JOB])
+    empty = [f"{title} [{ref}]" for (title, ref), result in results.items() if not has_numbers(result)]
+    assert not empty, f"panels without data after traffic through both paths: {empty}"
+    print(f"{len(results)} panel queries returned data; targets up: {sorted(up)}")
+
+
+def _stack_prometheus_up(settings: Settings, instances: list[str], timeout_s: float = 30.0) -> dict[str, float]:
+    """``up`` of ``instances`` in the local stack's Prometheus (5 s scrapes), once all are seen up."""
+    url = f"http://127.0.0.1:{settings.metrics.prometheus_port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = {
+            s["metric"]["instance"]: float(s["value"][1])
+            for s in query_at(url, 'up{job=~"fraudscore-.*"}')
+            if s["metric"]["instance"] in instances
+        }
+        if (len(seen) == len(instances) and all(seen.values())) or time.monotonic() > deadline:
+            return seen
+        time.sleep(1.0)

@@ -8,82 +8,35 @@ import asyncio
 import gc
 import queue
 import signal
-import socket
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pandas as pd
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from tests.rpc.harness import request, service_settings, serving
+from tests.features.harness import RedisServer, load, store_settings
+from tests.rpc.harness import request, serving
 from workers.engine.store_health import StoreState
 from workers.features.online import LeanRedisReader
 from workers.offline.simulator import SimulatorConfig, simulate_transactions
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.records import Transaction
 from workers.rpc.server import SERVICE_NAME
-from workers.settings import Settings
 from workers.types import Priority
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
 
 SIM = SimulatorConfig(n_customers=100, n_terminals=200, n_days=35, seed=5)
 KNOWN_CUSTOMER = 1  # in the simulated population, as is terminal 3 (the harness's)
-PROBE_INTERVAL_S = 0.2
 # With no traffic, health changes within one probe interval of the store's; allowed here with
 # room for a busy 2-core box.
 RECOVERY_LIMIT_S = 2.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class RedisServer:
-    """A redis-server without persistence on a free port: stopping it loses everything."""
-
-    def __init__(self, directory: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._cmd = [
-            "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dir",
-            str(directory),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "yes",
-        ]
-
-    def start(self) -> None:
-        subprocess.run(self._cmd, check=True, stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                if client.ping():
-                    return
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError(f"redis on {self.port} did not start")
-
-    def stop(self) -> None:
-        try:
-            redis.Redis(port=self.port).shutdown(nosave=True)
-        except redis.exceptions.ConnectionError:
-            pass  # shutting down closes the connection: that is the answer
 
 
 @pytest.fixture(scope="module")
@@ -101,25 +54,6 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def _settings(tmp_path: Path, server: RedisServer) -> Settings:
-    settings = service_settings(tmp_path / "model")
-    return settings.model_copy(
-        update={
-            "redis": settings.redis.model_copy(update={"url": server.url}),
-            "feast": settings.feast.model_copy(
-                update={"repo_path": tmp_path / "repo", "project": f"s_{uuid.uuid4().hex[:10]}"}
-            ),
-            "engine": settings.engine.model_copy(update={"store_probe_interval_s": PROBE_INTERVAL_S}),
-        }
-    )
-
-
-def _load(settings: Settings, transactions: pd.DataFrame) -> None:
-    from workers.features.store import load_online
-
-    load_online(settings, transactions, last_days=3)
-
-
 def _degraded(cause: str) -> float:
     return REGISTRY.get_sample_value("fraudscore_degraded_decisions_total", {"cause": cause}) or 0.0
 
@@ -127,8 +61,8 @@ def _degraded(cause: str) -> float:
 def test_restart_empty_is_features_lost_down_is_features_unavailable_and_reloading_restores_serving(
     tmp_path: Path, redis_server: RedisServer, transactions: pd.DataFrame
 ) -> None:
-    settings = _settings(tmp_path, redis_server)
-    _load(settings, transactions)
+    settings = store_settings(tmp_path, redis_server)
+    load(settings, transactions)
 
     async def scenario() -> dict[str, object]:
         seen: dict[str, object] = {}
@@ -178,7 +112,7 @@ def test_restart_empty_is_features_lost_down_is_features_unavailable_and_reloadi
                 seen["empty_health"] = await status()
                 seen["empty"] = await decide("empty")
 
-                await asyncio.to_thread(_load, settings, transactions)  # `fraudscore features materialize`
+                await asyncio.to_thread(load, settings, transactions)  # `fraudscore features materialize`
                 seen["serving_after_s"] = await until(SERVING)
                 seen["reloaded"] = await decide("reloaded")
         return seen
@@ -214,9 +148,9 @@ def test_first_request_after_start_is_answered_by_the_model_within_5_ms(
     """``build_engine`` readies every executor's connection, script and read path, then the model."""
     from workers.app import build_engine
 
-    settings = _settings(tmp_path, redis_server)
+    settings = store_settings(tmp_path, redis_server)
     settings = settings.model_copy(update={"feast": settings.feast.model_copy(update={"reader": "lean"})})
-    _load(settings, transactions)
+    load(settings, transactions)
     previous_sighup = signal.getsignal(signal.SIGHUP)
     engine = build_engine(settings, executors=1)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,9 +20,10 @@ from pathlib import Path
 from confluent_kafka import Consumer, Message, Producer
 
 from workers import codec
+from workers.offline.simulator import LiveStream, SimulatorConfig
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.records import Transaction
-from workers.settings import REPO_ROOT, KafkaSettings
+from workers.settings import REPO_ROOT, KafkaSettings, Settings
 
 
 def worker_env(kafka: KafkaSettings, feast_env: dict[str, str], **extra: str) -> dict[str, str]:
@@ -141,3 +143,39 @@ def decisions_of(messages: list[Message]) -> list[fraud_pb2.Decision]:
 
 def decided_ids(messages: list[Message]) -> set[str]:
     return {m.key().decode() for m in messages}
+
+
+# Small enough to simulate and materialize in seconds, big enough for a real population.
+SIM = SimulatorConfig(n_customers=400, n_terminals=800, n_days=45, seed=7)
+
+
+def materialize(settings: Settings) -> None:
+    from workers.features.store import load_online
+    from workers.offline.simulator import simulate_transactions
+
+    load_online(settings, simulate_transactions(SIM))
+
+
+def feast_env(settings: Settings) -> dict[str, str]:
+    """The worker's environment for the feature store of ``settings``."""
+    return {
+        "FRAUDSCORE_FEAST__REPO_PATH": str(settings.feast.repo_path),
+        "FRAUDSCORE_FEAST__PROJECT": settings.feast.project,
+        "FRAUDSCORE_REDIS__URL": settings.redis.url,
+    }
+
+
+def live(n: int, seed: int = 1) -> list[Transaction]:
+    """Live events of the population ``SIM`` simulates, so online features exist for them."""
+    stream = LiveStream.create(config=SIM)
+    prefix = f"t{seed}-{time.monotonic_ns()}"
+    return [
+        Transaction(f"{prefix}-{i}", t.customer_id, t.terminal_id, t.amount, t.event_time_us)
+        for i, t in enumerate(stream.batch(n))
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -22,6 +22,10 @@ from tests.kafka.harness import (
     WorkerProcess,
     decided_ids,
     decisions_of,
+    feast_env,
+    free_port,
+    live,
+    materialize,
     produce,
     produce_transactions,
     start_worker,
@@ -29,54 +33,12 @@ from tests.kafka.harness import (
 )
 from workers import codec
 from workers.features import definitions as d
-from workers.offline.simulator import LiveStream, SimulatorConfig
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.records import Transaction
-from workers.settings import REPO_ROOT, KafkaSettings, Settings, load_settings
+from workers.settings import REPO_ROOT, KafkaSettings, Settings
 from workers.types import BatchTiming
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
-
-# Small enough to simulate and materialize in seconds, big enough for a real population.
-SIM = SimulatorConfig(n_customers=400, n_terminals=800, n_days=45, seed=7)
-
-
-def _materialize(settings: Settings) -> None:
-    from workers.features.store import load_online
-    from workers.offline.simulator import simulate_transactions
-
-    load_online(settings, simulate_transactions(SIM))
-
-
-def _feast_env(settings: Settings) -> dict[str, str]:
-    return {
-        "FRAUDSCORE_FEAST__REPO_PATH": str(settings.feast.repo_path),
-        "FRAUDSCORE_FEAST__PROJECT": settings.feast.project,
-        "FRAUDSCORE_REDIS__URL": settings.redis.url,
-    }
-
-
-@pytest.fixture(scope="module")
-def features(local_stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Simulated features applied and materialized into the real Redis (db 3, own project)."""
-    repo = tmp_path_factory.mktemp("feature_repo")
-    settings = load_settings(
-        feast={"repo_path": repo, "project": "kafkatest", "reader": "lean"},
-        redis={"url": local_stack.redis.url.rsplit("/", 1)[0] + "/3"},
-    )
-    redis.Redis.from_url(settings.redis.url).flushdb()
-    _materialize(settings)
-    return settings
-
-
-def _live(n: int, seed: int = 1) -> list[Transaction]:
-    # The same population as the materialized features, so online features exist.
-    stream = LiveStream.create(config=SIM)
-    prefix = f"t{seed}-{time.monotonic_ns()}"
-    return [
-        Transaction(f"{prefix}-{i}", t.customer_id, t.terminal_id, t.amount, t.event_time_us)
-        for i, t in enumerate(stream.batch(n))
-    ]
 
 
 def _offline_scores(settings: Settings, txns: list[Transaction]) -> np.ndarray:
@@ -100,9 +62,9 @@ def _offline_scores(settings: Settings, txns: list[Transaction]) -> np.ndarray:
 def test_ten_thousand_events_get_exactly_ten_thousand_matching_decisions(
     kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
 ) -> None:
-    txns = _live(10_000)
+    txns = live(10_000)
     produce_transactions(kafka_topics, txns)
-    worker = start_worker(worker_env(kafka_topics, _feast_env(features)), tmp_path / "worker.log")
+    worker = start_worker(worker_env(kafka_topics, feast_env(features)), tmp_path / "worker.log")
     collector = Collector(kafka_topics, kafka_topics.decisions_topic)
     try:
         messages = collector.read_until(lambda m: len(m) >= 10_000, timeout_s=120)
@@ -131,8 +93,8 @@ def test_ten_thousand_events_get_exactly_ten_thousand_matching_decisions(
 def test_kill_9_mid_stream_then_restart_loses_no_transaction(
     kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
 ) -> None:
-    txns = _live(6_000, seed=2)
-    env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_KAFKA__CONSUME_BATCH="200")
+    txns = live(6_000, seed=2)
+    env = worker_env(kafka_topics, feast_env(features), FRAUDSCORE_KAFKA__CONSUME_BATCH="200")
     collector = Collector(kafka_topics, kafka_topics.decisions_topic)
     first = start_worker(env, tmp_path / "first.log")
     produce_transactions(kafka_topics, txns)
@@ -154,10 +116,10 @@ def test_kill_9_mid_stream_then_restart_loses_no_transaction(
 def test_exactly_once_mode_gives_read_committed_readers_one_decision_each(
     kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
 ) -> None:
-    txns = _live(4_000, seed=3)
+    txns = live(4_000, seed=3)
     env = worker_env(
         kafka_topics,
-        _feast_env(features),
+        feast_env(features),
         FRAUDSCORE_KAFKA__DELIVERY="exactly-once",
         FRAUDSCORE_KAFKA__INSTANCE_ID="eos-1",
         FRAUDSCORE_KAFKA__CONSUME_BATCH="200",
@@ -187,21 +149,21 @@ def test_exactly_once_mode_gives_read_committed_readers_one_decision_each(
 def test_two_workers_share_six_partitions_and_one_takes_over_when_the_other_dies(
     kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
 ) -> None:
-    env = worker_env(kafka_topics, _feast_env(features))
+    env = worker_env(kafka_topics, feast_env(features))
     a = start_worker(env, tmp_path / "a.log")
     b = start_worker(env, tmp_path / "b.log")
     collector = Collector(kafka_topics, kafka_topics.decisions_topic)
     try:
         a.wait_for_log("assigned [")
         b.wait_for_log("assigned [")
-        first = _live(3_000, seed=4)
+        first = live(3_000, seed=4)
         produce_transactions(kafka_topics, first)
         collector.read_until(lambda m: {t.transaction_id for t in first} <= decided_ids(m), timeout_s=90)
         assert {t.transaction_id for t in first} <= decided_ids(collector.messages)
         assert _assigned_partitions(a.log()) and _assigned_partitions(b.log()), "both workers should own partitions"
 
         b.kill_hard()
-        second = _live(3_000, seed=5)
+        second = live(3_000, seed=5)
         produce_transactions(kafka_topics, second)
         wanted = {t.transaction_id for t in second}
         collector.read_until(lambda m: wanted <= decided_ids(m), timeout_s=90)
@@ -228,7 +190,7 @@ def _assigned_partitions(log: str) -> set[int]:
 def test_malformed_events_go_to_the_dlq_with_reasons_and_good_ones_are_decided(
     kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
 ) -> None:
-    good = _live(20, seed=6)
+    good = live(20, seed=6)
     bad = {
         "garbage": b"\x00\xff\xfe garbage \x01",
         "wrong-types": json.dumps(
@@ -245,7 +207,7 @@ def test_malformed_events_go_to_the_dlq_with_reasons_and_good_ones_are_decided(
             name = list(bad)[i]
             payloads.append((f"bad-{name}", bad[name]))
     produce(kafka_topics, payloads)  # no content-type header: the worker sniffs the format
-    worker = start_worker(worker_env(kafka_topics, _feast_env(features)), tmp_path / "worker.log")
+    worker = start_worker(worker_env(kafka_topics, feast_env(features)), tmp_path / "worker.log")
     decisions = Collector(kafka_topics, kafka_topics.decisions_topic)
     dlq = Collector(kafka_topics, kafka_topics.dlq_topic)
     try:
@@ -297,24 +259,24 @@ def test_redis_outage_degrades_decisions_and_recovery_restores_full_ones(
         update={"redis": features.redis.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})}
     )
     _wait_redis(port)
-    _materialize(outage_settings)
+    materialize(outage_settings)
     client = redis.Redis(port=port)
 
-    env = worker_env(kafka_topics, _feast_env(outage_settings), FRAUDSCORE_REDIS__TIMEOUT_MS="50")
+    env = worker_env(kafka_topics, feast_env(outage_settings), FRAUDSCORE_REDIS__TIMEOUT_MS="50")
     worker = start_worker(env, tmp_path / "worker.log")
     collector = Collector(kafka_topics, kafka_topics.decisions_topic)
     try:
-        before = _live(200, seed=8)
+        before = live(200, seed=8)
         produce_transactions(kafka_topics, before)
         collector.read_until(lambda m: len(m) >= 200, timeout_s=60)
         client.shutdown(save=True)  # stopped: connections refused from here on
-        during = _live(200, seed=9)
+        during = live(200, seed=9)
         produce_transactions(kafka_topics, during)
         collector.read_until(lambda m: len(m) >= 400, timeout_s=60)
         subprocess.run(redis_cmd, check=True)  # back, with the saved features
         _wait_redis(port)
         time.sleep(1.0)
-        after = _live(200, seed=10)
+        after = live(200, seed=10)
         produce_transactions(kafka_topics, after)
         collector.read_until(lambda m: len(m) >= 600, timeout_s=60)
     finally:
@@ -383,10 +345,10 @@ def _produce_with_poison(kafka: KafkaSettings, good: list[Transaction]) -> None:
 def test_poison_pills_go_to_the_dlq_and_a_restarted_worker_does_not_meet_them_again(
     kafka_topics: KafkaSettings, features: Settings, tmp_path: Path, decision_format: str
 ) -> None:
-    good = _live(30, seed=11)
+    good = live(30, seed=11)
     _produce_with_poison(kafka_topics, good)
     # A header key that is not UTF-8: the worker must still read the event (sniffing its format).
-    odd_header = _live(1, seed=12)[0]
+    odd_header = live(1, seed=12)[0]
     producer = Producer({"bootstrap.servers": kafka_topics.bootstrap_servers})
     producer.produce(
         kafka_topics.transactions_topic,
@@ -395,7 +357,7 @@ def test_poison_pills_go_to_the_dlq_and_a_restarted_worker_does_not_meet_them_ag
         headers=[(b"\xff\xfe", b"\x00")],
     )
     assert producer.flush(10) == 0
-    env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_KAFKA__DECISION_FORMAT=decision_format)
+    env = worker_env(kafka_topics, feast_env(features), FRAUDSCORE_KAFKA__DECISION_FORMAT=decision_format)
     decisions = Collector(kafka_topics, kafka_topics.decisions_topic)
     dlq = Collector(kafka_topics, kafka_topics.dlq_topic)
     first = start_worker(env, tmp_path / "first.log")
@@ -417,7 +379,7 @@ def test_poison_pills_go_to_the_dlq_and_a_restarted_worker_does_not_meet_them_ag
     assert by_key["poison-tombstone"].value() is None, "a tombstone stays a tombstone in the DLQ"
     assert by_key["poison-invalid-utf8"].value() == POISON["invalid-utf8"], "original bytes are kept"
 
-    later = _live(5, seed=13)
+    later = live(5, seed=13)
     produce_transactions(kafka_topics, later)
     second = start_worker(env, tmp_path / "second.log")
     try:
@@ -459,7 +421,7 @@ def test_a_decision_that_cannot_be_encoded_sends_its_event_to_the_dlq_and_its_ne
 
     from workers.kafka.worker import KafkaWorker
 
-    txns = _live(12, seed=14)
+    txns = live(12, seed=14)
     txns[5] = Transaction(txns[5].transaction_id, 666, txns[5].terminal_id, txns[5].amount, txns[5].event_time_us)
     produce_transactions(kafka_topics, txns)
     kafka = kafka_topics.model_copy(update={"decision_format": decision_format})
@@ -486,14 +448,6 @@ def test_a_decision_that_cannot_be_encoded_sends_its_event_to_the_dlq_and_its_ne
 # --- one host, both sources ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_serve_with_grpc_answers_callers_and_kafka_from_one_engine(
     kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
 ) -> None:
@@ -501,10 +455,8 @@ def test_serve_with_grpc_answers_callers_and_kafka_from_one_engine(
 
     from workers.proto.fraud.v1 import fraud_pb2_grpc
 
-    port = _free_port()
-    env = worker_env(
-        kafka_topics, _feast_env(features), FRAUDSCORE_GRPC__PORT=str(port), FRAUDSCORE_GRPC__REST_PORT="0"
-    )
+    port = free_port()
+    env = worker_env(kafka_topics, feast_env(features), FRAUDSCORE_GRPC__PORT=str(port), FRAUDSCORE_GRPC__REST_PORT="0")
     env_args = ["serve", "--grpc"]
     log_path = tmp_path / "combined.log"
     with log_path.open("ab") as log_file:
@@ -519,9 +471,9 @@ def test_serve_with_grpc_answers_callers_and_kafka_from_one_engine(
     collector = Collector(kafka_topics, kafka_topics.decisions_topic)
     try:
         worker.wait_for_log("gRPC on", timeout_s=60)
-        txns = _live(50, seed=15)
+        txns = live(50, seed=15)
         produce_transactions(kafka_topics, txns)
-        caller = _live(1, seed=16)[0]
+        caller = live(1, seed=16)[0]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             answer = fraud_pb2_grpc.FraudScoringStub(channel).Score(
                 fraud_pb2.ScoreRequest(
@@ -542,11 +494,11 @@ def test_cpu_priority_idle_puts_the_worker_in_sched_idle(
 ) -> None:
     import os
 
-    env = worker_env(kafka_topics, _feast_env(features), FRAUDSCORE_KAFKA__CPU_PRIORITY="idle")
+    env = worker_env(kafka_topics, feast_env(features), FRAUDSCORE_KAFKA__CPU_PRIORITY="idle")
     worker = start_worker(env, tmp_path / "idle.log")
     collector = Collector(kafka_topics, kafka_topics.decisions_topic)
     try:
-        txns = _live(20, seed=17)
+        txns = live(20, seed=17)
         produce_transactions(kafka_topics, txns)
         collector.read_until(lambda m: len(m) >= len(txns), timeout_s=60)
         policies = {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{worker.process.pid}/task")}
@@ -565,7 +517,7 @@ def test_a_traced_event_has_its_stage_spans_in_jaeger_and_its_decision_carries_t
     every stage span under the caller's trace."""
     caller_trace = uuid.uuid4().hex
     traceparent = f"00-{caller_trace}-{uuid.uuid4().hex[:16]}-01"
-    plain, traced = _live(5, seed=21), _live(1, seed=22)[0]
+    plain, traced = live(5, seed=21), live(1, seed=22)[0]
     produce_transactions(kafka_topics, plain)
     producer = Producer({"bootstrap.servers": kafka_topics.bootstrap_servers})
     producer.produce(
@@ -577,7 +529,7 @@ def test_a_traced_event_has_its_stage_spans_in_jaeger_and_its_decision_carries_t
     assert producer.flush(10) == 0
     env = worker_env(
         kafka_topics,
-        _feast_env(features),
+        feast_env(features),
         FRAUDSCORE_TRACING__ENABLED="true",
         FRAUDSCORE_TRACING__OTLP_ENDPOINT=jaeger.otlp_endpoint,
         FRAUDSCORE_TRACING__SAMPLE_RATIO="0",

@@ -62,7 +62,7 @@ async def serving(settings: Settings, reader, tracing: Tracing | None = None) ->
     """A started engine (2 executors: one may block in a slow read while the other works)."""
     engine = ScoringEngine.from_settings(settings, reader, executors=2)
     engine.start()
-    service = await start_service(settings, engine, tracing)
+    service = await start_service(settings, engine, tracing=tracing)
     try:
         yield service
     finally:

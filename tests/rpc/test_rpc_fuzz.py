@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.rpc.harness import SlowReader, request, service_settings, serving
-from workers.codec import InvalidEvent, transaction_from_proto
+from workers.codec import transaction_from_proto
+from workers.errors import InvalidEvent
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.records import EVENT_TIME_MAX_US, EVENT_TIME_MIN_US, MAX_ID_CHARS
 from workers.rpc.servicer import BadFrame, parse_request, validated

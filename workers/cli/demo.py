@@ -37,7 +37,8 @@ def run_demo(settings: Settings, rate: float, seconds: float | None) -> int:
         f"  Kafka      {settings.kafka.bootstrap_servers}  topics: {settings.kafka.transactions_topic} -> "
         f"{settings.kafka.decisions_topic} (bad events -> {settings.kafka.dlq_topic})\n"
         f"  Redis      {settings.redis.url}\n"
-        f"  metrics    http://127.0.0.1:{settings.metrics.port}/metrics\n"
+        f"  metrics    http://127.0.0.1:{settings.metrics.port}/metrics  (probes: /livez, /readyz)\n"
+        f"  Prometheus http://127.0.0.1:{settings.metrics.prometheus_port}  (alerts: /alerts; started by scripts/stack.sh)\n"
         f"  stop with Ctrl-C; stop the stack with scripts/stack.sh down\n",
         flush=True,
     )

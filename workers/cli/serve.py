@@ -27,13 +27,18 @@ def _serve(args: argparse.Namespace) -> int:
     # First, before any thread exists: threads inherit the policy.
     set_cpu_priority(settings.kafka.cpu_priority if not args.grpc else "normal")
     from workers.app import build_engine
+    from workers.health import add_engine_checks
     from workers.kafka.worker import KafkaWorker
     from workers.metrics import start_metrics_server
     from workers.tracing import from_settings
 
-    start_metrics_server(settings)
+    # First, so /livez answers (and /readyz says "starting") while the model and store load.
+    metrics_server = start_metrics_server(settings)
+    probes = metrics_server.probes
+    stall_s = settings.metrics.loop_stall_s
     engine = build_engine(settings)
     tracing = from_settings(settings.tracing, "fraudscore-worker")
+    add_engine_checks(probes, engine, stall_s)
     worker = KafkaWorker(
         settings.kafka,
         engine,
@@ -41,15 +46,18 @@ def _serve(args: argparse.Namespace) -> int:
         budget_ms=settings.kafka.decision_budget_ms,
         tracing=tracing,
     )
+    probes.add_live("kafka_poll_loop", lambda: worker.loop.check(stall_s))
+    probes.add_ready("kafka_assignment", worker.assignment_check)
     service = None
     if args.grpc:
         from workers.rpc.server import ServiceThread
 
-        service = ServiceThread(settings, engine, tracing)
+        service = ServiceThread(settings, engine, tracing=tracing, probes=probes)
         service.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    log.info("metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.port)
+    # The bound port (metrics.port 0 picks a free one, as the tests do).
+    log.info("metrics on http://%s:%d/metrics (probes: /livez, /readyz)", settings.metrics.host, metrics_server.port)
     try:
         worker.run()
     finally:

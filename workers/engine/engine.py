@@ -73,6 +73,9 @@ class ScoringEngine:
             stream_slots=self._stream_slots(settings.sync_reserved_executors),
         )
         self._threads: list[threading.Thread] = []
+        # Per executor, when it took its current batch (0.0 while waiting): liveness tells a
+        # stuck executor from an idle one, which blocks on the batcher (workers/health.py).
+        self._busy_since = [0.0] * self.executors
         self.store = StoreHealth()
         probe = getattr(reader, "check", None) or (lambda: reader.read(_PROBE_IDS, _PROBE_IDS))
         self._probe = StoreProbe(self.store, probe, settings.store_probe_interval_s)
@@ -138,7 +141,7 @@ class ScoringEngine:
         for index in range(self.executors):
             warmed = threading.Event()
             name = f"engine-executor-{index}"
-            thread = threading.Thread(target=self._executor_loop, args=(warmed,), name=name, daemon=True)
+            thread = threading.Thread(target=self._executor_loop, args=(warmed, index), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
             ready.append(warmed)
@@ -159,6 +162,14 @@ class ScoringEngine:
         self._probe.stop()
         self.models.stop()
         return abandoned
+
+    def executor_states(self) -> list[tuple[str, bool, float]]:
+        """(thread name, alive, seconds inside its current batch; 0 when waiting) per executor."""
+        now = time.monotonic()
+        return [
+            (thread.name, thread.is_alive(), now - since if since else 0.0)
+            for thread, since in zip(self._threads, self._busy_since)
+        ]
 
     def warm_up(self, batches: int = 3) -> None:
         """Runs model + decide on synthetic rows so first real requests pay no lazy costs
@@ -201,7 +212,7 @@ class ScoringEngine:
         # One more than the sessions, so a batch's enrichment (I/O) overlaps another's inference.
         return sessions + 1
 
-    def _executor_loop(self, warmed: threading.Event) -> None:
+    def _executor_loop(self, warmed: threading.Event, index: int) -> None:
         self._warm_reader()
         warmed.set()
         while True:
@@ -209,7 +220,9 @@ class ScoringEngine:
             if batch is None:
                 return
             started = time.perf_counter()
+            self._busy_since[index] = time.monotonic()
             self._process(batch)
+            self._busy_since[index] = 0.0
             self.batcher.record_service(time.perf_counter() - started, batch)
 
     def _warm_reader(self) -> None:

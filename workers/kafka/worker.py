@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from opentelemetry.trace import SpanKind
 
 from workers import codec, metrics
+from workers.health import CheckResult, Heartbeat
 from workers.kafka.config import consumer_config, producer_config
 from workers.kafka.offsets import Chunk, OffsetTracker
 from workers.kafka.producer import DeliveryCallback, Headers, RetryingProducer
@@ -80,12 +81,26 @@ class KafkaWorker:
         self._decided_lock = threading.Lock()
         self.decided = 0  # decisions handed to the producer, for logs and tests
         self._tracing = tracing
+        # Liveness: the poll loop beats once per turn (and while draining). Readiness: the
+        # group has given this worker its assignment (None until then); see workers/health.py.
+        self.loop = Heartbeat()
+        self._assigned: set[tuple[str, int]] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def stop(self) -> None:
         """Asks the loop to drain and exit (safe from signal handlers and other threads)."""
         self._stop.set()
+
+    def assignment_check(self) -> CheckResult:
+        """Ready once the group has assigned partitions to this worker, until it stops."""
+        if self._stop.is_set():
+            return CheckResult(False, "stopping: draining and leaving the group")
+        if self._assigned is None:
+            return CheckResult(False, f"no assignment yet from group {self._kafka.group_id}")
+        partitions = sorted(p for _, p in self._assigned)
+        # Zero partitions is a legitimate standby (more workers than partitions), not a fault.
+        return CheckResult(True, f"{len(partitions)} partitions assigned: {partitions}")
 
     def run(self) -> None:
         if self._exactly_once:
@@ -107,6 +122,7 @@ class KafkaWorker:
             self._shutdown()
 
     def _step(self) -> None:
+        self.loop.beat()
         self._submit_backlog()
         if self._backlog and not self._paused:
             # Engine full: hold off fetching for a moment rather than pausing partitions.
@@ -364,9 +380,11 @@ class KafkaWorker:
         deadline = time.monotonic() + timeout_s
         # Held chunks count as in flight: they must reach the engine before we can wait on them.
         while self._backlog and time.monotonic() < deadline:
+            self.loop.beat()
             self._submit_backlog()
             self._producer.poll(0.005)
         while self._tracker.in_flight(partitions) > 0:
+            self.loop.beat()  # waiting on the engine and the broker is turning, not stuck
             if time.monotonic() > deadline:
                 log.error(
                     "gave up draining after %.0fs: %d messages in flight",
@@ -381,6 +399,8 @@ class KafkaWorker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [p.partition for p in partitions])
+        # Incremental (cooperative-sticky): each call adds to what this worker holds.
+        self._assigned = (self._assigned or set()) | {(p.topic, p.partition) for p in partitions}
         if self._paused:
             consumer.pause(partitions)
 
@@ -397,12 +417,16 @@ class KafkaWorker:
                 if exc.args[0].code() != KafkaError._NO_OFFSET:
                     log.warning("commit on revoke failed: %s", exc)
         self._tracker.forget(revoked)
+        if self._assigned is not None:
+            self._assigned -= revoked
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Ownership already gone (session timed out): the new owner re-reads; just forget."""
         lost = {(p.topic, p.partition) for p in partitions}
         log.warning("lost partitions %s", [p.partition for p in partitions])
         self._tracker.forget(lost)
+        if self._assigned is not None:
+            self._assigned -= lost
         self._backlog = deque(item for item in self._backlog if (item[0].topic, item[0].partition) not in lost)
 
     def _on_consume_error(self, error: KafkaError) -> None:

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from workers.app import build_engine
 from workers.engine.engine import ScoringEngine
 from workers.errors import ConfigError
+from workers.health import CheckResult, Heartbeat, Probes, add_engine_checks, tick_forever
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.records import Transaction
 from workers.rpc.auth import BearerTokenInterceptor
@@ -94,10 +95,16 @@ class RunningService:
     rest_port: int | None = None
     rest_server: EmbeddedServer | None = None
     rest_task: asyncio.Task | None = None
+    serving: bool = True  # until stop(): the "grpc_serving" readiness check
+    ticker: asyncio.Task | None = None  # beats the event loop's liveness heartbeat
+
+    def serving_check(self) -> CheckResult:
+        return CheckResult(True, f"port {self.port}") if self.serving else CheckResult(False, "shutting down")
 
     async def stop(self, grace_s: float, stop_engine: bool = True) -> None:
         """NOT_SERVING, stop reading new requests, answer those in flight, then close.
         ``stop_engine`` False leaves a shared engine to its other source."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         self.servicer.drain()
         if self.rest_server is not None:
@@ -105,13 +112,18 @@ class RunningService:
         await self.grpc_server.stop(grace_s)
         if self.rest_task is not None:
             await self.rest_task
+        if self.ticker is not None:
+            self.ticker.cancel()
         if stop_engine:
             # Nothing can reach the engine any more; stop it off the loop (it joins threads).
             await asyncio.to_thread(functools.partial(self.engine.stop, drain=True))
 
 
-async def start_service(settings: Settings, engine: ScoringEngine, tracing: Tracing | None = None) -> RunningService:
-    """Serves ``engine`` (started and warm) over gRPC and, if ``rest_port`` is set, REST.
+async def start_service(
+    settings: Settings, engine: ScoringEngine, *, tracing: Tracing | None = None, probes: Probes | None = None
+) -> RunningService:
+    """Serves ``engine`` (started and warm) over gRPC and, if ``rest_port`` is set, REST;
+    adds the event loop's liveness and the service's readiness to ``probes`` if given.
     ``tracing``: the process's tracer (its owner shuts it down), None when tracing is off."""
     grpc_settings = settings.grpc
     loop = asyncio.get_running_loop()
@@ -140,6 +152,8 @@ async def start_service(settings: Settings, engine: ScoringEngine, tracing: Trac
     # features (health follows the online store from here on).
     await warm_up(dispatcher, grpc_settings, port, tls=credentials is not None)
     await follow_store_health(health_servicer, engine, ("", SERVICE_NAME))
+    if probes is not None:
+        _add_probes(service, probes, settings.metrics.loop_stall_s)
     log.info("gRPC on %s (port %d)%s", address, port, f", REST on {service.rest_port}" if service.rest_port else "")
     return service
 
@@ -217,6 +231,14 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
         )
 
 
+def _add_probes(service: RunningService, probes: Probes, stall_s: float) -> None:
+    """The event loop turns (a task beats every second) and the service is not draining."""
+    loop_turns = Heartbeat()
+    service.ticker = asyncio.create_task(tick_forever(loop_turns))
+    probes.add_live("grpc_event_loop", lambda: loop_turns.check(stall_s))
+    probes.add_ready("grpc_serving", service.serving_check)
+
+
 def _start_rest(service: RunningService, dispatcher: Dispatcher, grpc_settings: GrpcSettings) -> None:
     from workers.rpc.rest import create_app, rest_server
 
@@ -226,9 +248,11 @@ def _start_rest(service: RunningService, dispatcher: Dispatcher, grpc_settings: 
     service.rest_task = asyncio.create_task(rest.serve(sockets=[sock]))
 
 
-async def serve_until_signalled(settings: Settings, engine: ScoringEngine, tracing: Tracing | None = None) -> None:
+async def serve_until_signalled(
+    settings: Settings, engine: ScoringEngine, *, tracing: Tracing | None = None, probes: Probes | None = None
+) -> None:
     """One process: serve a started engine; shut down gracefully on SIGTERM/SIGINT."""
-    service = await start_service(settings, engine, tracing)
+    service = await start_service(settings, engine, tracing=tracing, probes=probes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -257,21 +281,25 @@ def _child_main(settings: Settings, index: int) -> None:
     # would need a shared directory and loses histograms' per-process view); the Kafka
     # worker keeps metrics.port, so both run side by side with one settings object.
     settings.metrics.port = settings.metrics.grpc_port + index
-    start_metrics_server(settings)
+    probes = start_metrics_server(settings).probes
     # Built on the main thread: the model holder installs its SIGHUP (reload) handler there.
     engine = build_engine(settings, executors=GRPC_EXECUTORS)
+    add_engine_checks(probes, engine, settings.metrics.loop_stall_s)
     tracing = from_settings(settings.tracing, "fraudscore-grpc")
-    run_loop(serve_until_signalled(settings, engine, tracing), settings.grpc.event_loop)
+    run_loop(serve_until_signalled(settings, engine, tracing=tracing, probes=probes), settings.grpc.event_loop)
 
 
 class ServiceThread:
     """The gRPC service on its own event loop in a background thread, serving an engine that
     another source (the Kafka worker, on the main thread) shares: ``fraudscore serve --grpc``."""
 
-    def __init__(self, settings: Settings, engine: ScoringEngine, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self, settings: Settings, engine: ScoringEngine, *, tracing: Tracing | None = None, probes: Probes | None = None
+    ) -> None:
         self._tracing = tracing  # the process's, shared with the Kafka worker
         self._settings = settings
         self._engine = engine
+        self._probes = probes
         self._started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -299,7 +327,7 @@ class ServiceThread:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        service = await start_service(self._settings, self._engine, self._tracing)
+        service = await start_service(self._settings, self._engine, tracing=self._tracing, probes=self._probes)
         self._started.set()
         await self._stop.wait()
         await service.stop(self._settings.grpc.grace_period_s, stop_engine=False)

@@ -1,5 +1,6 @@
-"""gRPC health that follows the online store: NOT_SERVING while the engine cannot read
-features (the store is unreachable, or answers but has lost them), SERVING when it can.
+"""gRPC health that follows the engine's readiness (``workers.health.engine_ready``, as on
+``/readyz``): NOT_SERVING while the engine cannot read features (the store is unreachable,
+or answers but has lost them) or has no model, SERVING when it can.
 
 The process still answers then, with degraded decisions; NOT_SERVING tells load balancers
 and operators that those answers come without features. The engine reports changes from
@@ -15,6 +16,7 @@ import asyncio
 from grpc_health.v1 import health, health_pb2
 
 from workers.engine.engine import ScoringEngine
+from workers.health import engine_ready
 
 
 async def follow_store_health(
@@ -27,7 +29,7 @@ async def follow_store_health(
 
     async def update() -> None:
         async with in_order:
-            serving = engine.store.usable
+            serving = engine_ready(engine)
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in services:
                 await servicer.set(name, status)  # a no-op once graceful shutdown has begun
