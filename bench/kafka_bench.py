@@ -285,12 +285,12 @@ def run_load(settings: Settings, rate: float, seconds: float, total: int | None 
     return result
 
 
-def scrape_stages() -> dict[str, tuple[float, float]]:
+def scrape_stages(port: int = METRICS_PORT) -> dict[str, tuple[float, float]]:
     """stage -> (sum seconds, count) from the worker's histograms."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=2).read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
         return {}
     totals: dict[str, list[float]] = {}
