@@ -438,6 +438,9 @@ def what_this_shows(rows: list[dict]) -> list[str]:
                     f"{kafka_alone['kafka_events_per_s'] if kafka_alone else '?'} alone")
             lines.append(f"- `{deployment.name}` at {rate} req/s: p99 {g['p99_us'] / 1e3:.1f} ms, "
                          f"{g['degraded_share']:.1%} degraded{versus}{kept}")
+    dry = [f"{r['deployment']} at {r['grpc_rate']} req/s" for r in rows if r.get("kafka") and r["backlog_left"] <= 0]
+    if dry:
+        lines.append(f"- **The backlog ran dry** (Kafka not flat out) in: {', '.join(dry)}.")
     points = [r for r in rows if "cpu_share" in r]
     if points:
         load = np.mean([r["loadavg_before"][0] for r in points])
