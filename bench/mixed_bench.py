@@ -46,6 +46,7 @@ sys.path.insert(0, str(BENCH))
 # Shared with the two single-source benchmarks: worker environment, feature seeding, load generator.
 import grpc_bench as gb
 import kafka_bench as kb
+import soak_bench as sb
 
 from workers import codec
 from workers.kafka.admin import (
@@ -231,10 +232,15 @@ def measure_point(deployment: Deployment, backlog: Backlog | None, rate: int, ar
         loadgen.start()
     time.sleep(args.warmup + 0.2)  # the loadgen's measured window starts after its warm-up (+ its start-up)
     stages_port = args.metrics_port if deployment.one_process else args.grpc_metrics_port
+    # The worker's degraded counter says how many of Kafka's decisions were the rules fallback;
+    # serve --grpc counts its callers' there too, so it is read for separate workers only.
+    worker_degraded = backlog is not None and not deployment.one_process
     stages_0 = kb.scrape_stages(stages_port)
+    degraded_0 = _degraded_total(args.metrics_port) if worker_degraded else 0.0
     decided_0, cpu_0, t_0 = _kafka_and_cpu(deployment, backlog)
-    time.sleep(args.duration - 0.4)
+    redis_ms = redis_ping_ms(args.redis_url, args.duration - 0.4)
     decided_1, cpu_1, t_1 = _kafka_and_cpu(deployment, backlog)
+    degraded_1 = _degraded_total(args.metrics_port) if worker_degraded else 0.0
     stages_1 = kb.scrape_stages(stages_port)
     if loadgen is not None:
         loadgen.join()
@@ -247,14 +253,42 @@ def measure_point(deployment: Deployment, backlog: Backlog | None, rate: int, ar
         "cpu_share": _cpu_shares(cpu_0, cpu_1, span),
         # Mean ms per batch and stage in the process serving gRPC (serve --grpc: its Kafka batches too).
         "grpc_server_stages_ms": kb.stage_split(stages_0, stages_1),
+        "redis_ping_ms": redis_ms,
     }
     if backlog is not None:
         row["kafka_events_per_s"] = round((decided_1 - decided_0) / span)
         row["backlog_left"] = backlog.lag()  # > 0: the worker never ran dry in this point
+        if worker_degraded and decided_1 > decided_0:
+            row["kafka_degraded_share"] = round((degraded_1 - degraded_0) / (decided_1 - decided_0), 4)
     if grpc_result:
         row["grpc"] = _grpc_summary(grpc_result)
     print(format_row(row), flush=True)
     return row
+
+
+def redis_ping_ms(url: str, seconds: float, interval_s: float = 0.005) -> dict[str, float]:
+    """PING round trips to the online store for ``seconds``: p50/p99 ms. Redis is one thread
+    shared by every process here, so a long Kafka read delays a caller's read whatever the
+    CPU priorities say (the probe's own scheduling delays are in it too, as for any client)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    samples = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        client.ping()
+        samples.append((time.perf_counter() - started) * 1e3)
+        time.sleep(interval_s)
+    client.close()
+    return {"p50": round(float(np.percentile(samples, 50)), 3), "p99": round(float(np.percentile(samples, 99)), 3)}
+
+
+def _degraded_total(metrics_port: int) -> float:
+    try:
+        return sum(sb.degraded_by_cause(metrics_port).values())
+    except OSError:
+        return float("nan")
 
 
 def _cpu_shares(before: dict[str, float], after: dict[str, float], span: float) -> dict[str, float]:
@@ -371,20 +405,24 @@ def _fresh_topics(settings: Settings) -> KafkaSettings:
 # --- reporting --------------------------------------------------------------------------------
 
 HEADER = ("| deployment | gRPC req/s | p50 ms | p99 ms | p99.9 ms | degraded (by cause) | unanswered | "
-          "Kafka events/s | CPU share | load avg before -> after |")
+          "Kafka events/s | Redis PING p50/p99 ms | CPU share | load avg before -> after |")
 
 
 def format_row(row: dict) -> str:
     g = row.get("grpc")
     kafka = f"{row['kafka_events_per_s']}" if row["kafka"] else "-"
+    if "kafka_degraded_share" in row:
+        kafka += f" ({row['kafka_degraded_share']:.1%} degraded)"
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in row["cpu_share"].items())
     load = f"{row['loadavg_before'][0]:.2f} -> {row['loadavg_after'][0]:.2f}"
+    ping = row.get("redis_ping_ms")
+    redis_col = f"{ping['p50']:.2f} / {ping['p99']:.2f}" if ping else "-"
     if g is None:
-        return f"| {row['deployment']} | 0 | - | - | - | - | - | {kafka} | {cpu} | {load} |"
+        return f"| {row['deployment']} | 0 | - | - | - | - | - | {kafka} | {redis_col} | {cpu} | {load} |"
     causes = ", ".join(f"{k} {v}" for k, v in sorted(g["degraded_by_cause"].items()))
     degraded = f"{g['degraded_share'] * 100:.2f}%" + (f" ({causes})" if causes else "")
     return (f"| {row['deployment']} | {row['grpc_rate']} | {g['p50_us'] / 1e3:.2f} | {g['p99_us'] / 1e3:.2f} | "
-            f"{g['p999_us'] / 1e3:.2f} | {degraded} | {g['unanswered']} | {kafka} | {cpu} | {load} |")
+            f"{g['p999_us'] / 1e3:.2f} | {degraded} | {g['unanswered']} | {kafka} | {redis_col} | {cpu} | {load} |")
 
 
 def holds_budget(row: dict) -> bool:
@@ -475,11 +513,12 @@ def write_report(report: dict, stamp: str) -> Path:
         (f"gRPC: open-loop Go loadgen, {meta['streams']} streams, {BUDGET_US / 1e3:.0f} ms budget, latency from the "
          f"intended send time; {meta['warmup_s']} s warm-up + {meta['duration_s']} s measured per point. "
          "Kafka: a backlog the worker cannot clear (topped up between points), events/s = growth of the decisions "
-         "topic over the measured window. CPU share: CPU seconds per second of each process (2.0 = both cores); `others` = the "
+         "topic over the measured window (degraded: the worker's own counter; not shown for serve --grpc, "
+         "whose counter mixes both sources). CPU share: CPU seconds per second of each process (2.0 = both cores); `others` = the "
          "rest of the box: the loadgen and other people's jobs."),
         "", "Deployments:", "",
         *[f"- `{d.name}`: {d.description}" for d in (*BASELINES, *DEPLOYMENTS)],
-        "", HEADER, "|---|---|---|---|---|---|---|---|---|---|",
+        "", HEADER, "|---|---|---|---|---|---|---|---|---|---|---|",
         *[format_row(r) if "grpc_rate" in r else f"| {r['deployment']} | did not start: {r['failed_to_start']} |"
           for r in report["rows"]], "",
         "## Verdict", "",
@@ -532,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(feast={"project": gb.BENCH_PROJECT, "reader": "lean"})
     args.port = args.port or settings.grpc.port
     args.metrics_port, args.grpc_metrics_port = settings.metrics.port, settings.metrics.grpc_port
+    args.redis_url = settings.redis.url
     stamp = time.strftime("%Y%m%d-%H%M%S")
     binary = gb.build_loadgen()
     print("seeding benchmark features ...", flush=True)
