@@ -125,6 +125,7 @@ class Backlog:
         return missing
 
     def close(self) -> None:
+        self._producer.flush(10)
         self._watermarks.close()
 
 
@@ -592,13 +593,23 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_mixed(deployment, settings, backlog, rates, args, binary, args.kafka_rate_guess)
     finally:
         backlog.close()
-        delete_topics(kafka, list(default_topics(kafka)))
-    meta["loadavg_end"] = _loadavg()
-    summary = verdicts(rows)
-    report = {"meta": meta, "rows": rows, "summary": summary, "recommendation": recommendation(summary),
-              "what_this_shows": what_this_shows(rows)}
-    write_report(report, stamp)
+        meta["loadavg_end"] = _loadavg()
+        summary = verdicts(rows)
+        report = {"meta": meta, "rows": rows, "summary": summary, "recommendation": recommendation(summary),
+                  "what_this_shows": what_this_shows(rows)}
+        write_report(report, stamp)  # first: deleting a topic of millions of events can take a while
+        _delete_topics_bounded(kafka, timeout_s=60)
     return 0
+
+
+def _delete_topics_bounded(kafka: KafkaSettings, timeout_s: float) -> None:
+    """Best-effort clean-up that cannot hold the run: a delete the broker does not confirm in
+    time is left to it (seen once: the deletion of a multi-GB backlog never answered)."""
+    cleanup = threading.Thread(target=delete_topics, args=(kafka, list(default_topics(kafka))), daemon=True)
+    cleanup.start()
+    cleanup.join(timeout_s)
+    if cleanup.is_alive():
+        print(f"topics {kafka.transactions_topic} etc. not confirmed deleted after {timeout_s:.0f} s; left to the broker")
 
 
 if __name__ == "__main__":
