@@ -59,7 +59,16 @@ def canned_response_bytes() -> bytes:
     from workers.records import Decision, Outcome
     from workers.rpc.servicer import decision_response
 
-    decision = Decision("tx-123456", Outcome.REVIEW, 0.61, ["HIGH_MODEL_SCORE", "LARGE_AMOUNT"], "mlp-v1", event_time_us=time.time_ns() // 1000, decided_at_us=time.time_ns() // 1000, device="cpu")
+    decision = Decision(
+        "tx-123456",
+        Outcome.REVIEW,
+        0.61,
+        ["HIGH_MODEL_SCORE", "LARGE_AMOUNT"],
+        "mlp-v1",
+        event_time_us=time.time_ns() // 1000,
+        decided_at_us=time.time_ns() // 1000,
+        device="cpu",
+    )
     timing = BatchTiming(120, 180, 60, 40, 420, "cpu", 4)
     return decision_response("123456", decision, timing).SerializeToString()
 
@@ -95,7 +104,9 @@ def echo_process(port: int) -> None:
 def run_echo_server(port: int, processes: int) -> None:
     import multiprocessing
 
-    children = [multiprocessing.get_context("spawn").Process(target=echo_process, args=(port,)) for _ in range(processes)]
+    children = [
+        multiprocessing.get_context("spawn").Process(target=echo_process, args=(port,)) for _ in range(processes)
+    ]
     for child in children:
         child.start()
     signal.signal(signal.SIGTERM, lambda signum, frame: [c.terminate() for c in children])
@@ -210,7 +221,15 @@ def start_service(args: argparse.Namespace) -> subprocess.Popen:
         "FRAUDSCORE_METRICS__PORT": "19190",
         "FRAUDSCORE_LOG_LEVEL": "WARNING",
     }
-    command = [sys.executable, "-m", "workers", "grpc", f"--port={args.port}", "--rest-port=0", f"--processes={args.processes}"]
+    command = [
+        sys.executable,
+        "-m",
+        "workers",
+        "grpc",
+        f"--port={args.port}",
+        "--rest-port=0",
+        f"--processes={args.processes}",
+    ]
     return subprocess.Popen(command, env=env, cwd=ROOT)
 
 
@@ -236,7 +255,9 @@ def format_row(row: dict) -> str:
 
 
 def max_rate_within(rows: list[dict], p99_limit_us: float) -> float:
-    ok = [r["offered_rps"] for r in rows if r["p99_us"] <= p99_limit_us and r["achieved_rps"] >= 0.95 * r["offered_rps"]]
+    ok = [
+        r["offered_rps"] for r in rows if r["p99_us"] <= p99_limit_us and r["achieved_rps"] >= 0.95 * r["offered_rps"]
+    ]
     return max(ok, default=0.0)
 
 
@@ -267,7 +288,9 @@ def write_results(args: argparse.Namespace, rows: list[dict], summary: dict) -> 
         "duration_s": args.duration,
         "load": "open loop, Go loadgen (bench/grpc_loadgen), latency from intended send time",
     }
-    (RESULTS_DIR / "grpc-stream.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2))
+    (RESULTS_DIR / "grpc-stream.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2)
+    )
     lines = ["# gRPC ScoreStream: echo floor vs. service", "", "```", json.dumps(meta, indent=2), "```", "", HEADER,
              "|---|---|---|---|---|---|---|---|---|", *map(format_row, rows), "", "```", json.dumps(summary, indent=2), "```", ""]  # fmt: skip
     (RESULTS_DIR / "grpc-stream.md").write_text("\n".join(lines))
@@ -286,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     echo: list[dict] = []
     if not args.skip_echo:
-        server = subprocess.Popen([sys.executable, __file__, "--echo-server", f"--port={args.port}", f"--processes={args.processes}"])
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--echo-server", f"--port={args.port}", f"--processes={args.processes}"]
+        )
         try:
             wait_for_port(args.port)
             time.sleep(1.0)  # every process listening

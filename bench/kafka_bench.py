@@ -99,8 +99,19 @@ def start_worker(env: dict[str, str], kafka, profile_to: Path | None = None) -> 
     command = [sys.executable, "-m", "workers", "serve"]
     if profile_to is not None:
         # py-spy samples the real worker at 100 Hz; --nonblocking keeps its overhead small.
-        command = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "100",
-                   "-f", "speedscope", "-o", str(profile_to), "--", *command]
+        command = [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--nonblocking",
+            "-r",
+            "100",
+            "-f",
+            "speedscope",
+            "-o",
+            str(profile_to),
+            "--",
+            *command,
+        ]
     # Own process group: stopping it must reach the worker too when py-spy is its parent.
     process = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True)
     # Ready means owning partitions, not merely running: model load and group join take a moment.
@@ -150,8 +161,11 @@ def floors(settings: Settings, batch_sizes: list[int], repeats: int) -> dict:
         features = np.random.default_rng(0).random((size, d.N_FEATURES), dtype=np.float32)
         onnx_s = _median_time(lambda: session.run(None, {"features": features}), repeats)
         redis_s = _median_time(lambda: reader.read(cols["customer_id"], cols["terminal_id"]), repeats)
-        result["batches"][size] = {"onnx_ms": onnx_s * 1e3, "redis_read_ms": redis_s * 1e3,
-                                   "floor_events_per_s": size / (onnx_s + redis_s)}
+        result["batches"][size] = {
+            "onnx_ms": onnx_s * 1e3,
+            "redis_read_ms": redis_s * 1e3,
+            "floor_events_per_s": size / (onnx_s + redis_s),
+        }
     return result
 
 
@@ -178,8 +192,14 @@ def _produce_process(kafka_json: str, rate: float, seconds: float, total: int, r
 
     kafka = KafkaSettings.model_validate_json(kafka_json)
     stream = LiveStream.create(config=SIM)
-    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 1, "acks": 1,
-                         "queue.buffering.max.messages": 1_000_000})
+    producer = Producer(
+        {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "linger.ms": 1,
+            "acks": 1,
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
     pool = stream.batch(min(total, 200_000))
     ready.set()
     go.wait()
@@ -189,11 +209,13 @@ def _produce_process(kafka_json: str, rate: float, seconds: float, total: int, r
         due = min(total, int((time.monotonic() - started) * rate) + 1) if rate else total
         while sent < due:
             template = pool[sent % len(pool)]
-            txn = Transaction(f"b-{sent}", template.customer_id, template.terminal_id, template.amount,
-                              time.time_ns() // 1000)
+            txn = Transaction(
+                f"b-{sent}", template.customer_id, template.terminal_id, template.amount, time.time_ns() // 1000
+            )
             try:
-                producer.produce(kafka.transactions_topic, key=txn.transaction_id,
-                                 value=codec.encode_transaction_json(txn))
+                producer.produce(
+                    kafka.transactions_topic, key=txn.transaction_id, value=codec.encode_transaction_json(txn)
+                )
                 sent += 1
             except BufferError:
                 producer.poll(0.001)
@@ -211,9 +233,15 @@ def _read_process(kafka_json: str, expected: int, timeout_s: float, out, ready=N
     from workers.settings import KafkaSettings
 
     kafka = KafkaSettings.model_validate_json(kafka_json)
-    consumer = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": f"reader-{uuid.uuid4().hex}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                         "fetch.wait.max.ms": 5})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,
+        }
+    )
     # Signal only once partitions are ours: a reader still joining its group would add its
     # start-up to the first decisions' latency.
     consumer.subscribe([kafka.decisions_topic], on_assign=lambda c, parts: ready and ready.set())
@@ -232,23 +260,37 @@ def _read_process(kafka_json: str, expected: int, timeout_s: float, out, ready=N
             produced_ms.append(message.timestamp()[1])  # CreateTime: when the worker produced it
             degraded += decision.degraded
     consumer.close()
-    out.send((np.array(sent_us, dtype=np.int64), np.array(seen_us, dtype=np.int64),
-              np.array(produced_ms, dtype=np.int64), degraded))
+    out.send(
+        (
+            np.array(sent_us, dtype=np.int64),
+            np.array(seen_us, dtype=np.int64),
+            np.array(produced_ms, dtype=np.int64),
+            degraded,
+        )
+    )
 
 
-def run_load(settings: Settings, rate: float, seconds: float, total: int | None = None,
-             profile_to: Path | None = None, preload: bool = False) -> dict:
+def run_load(
+    settings: Settings,
+    rate: float,
+    seconds: float,
+    total: int | None = None,
+    profile_to: Path | None = None,
+    preload: bool = False,
+) -> dict:
     """Starts a worker, offers load, returns latency and throughput figures."""
     kafka = fresh_topics(settings)
     total = total or int(rate * seconds)
     ctx = mp.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
-    producer = ctx.Process(target=_produce_process, args=(kafka.model_dump_json(), 0 if preload else rate,
-                                                          seconds, total, ready, go))
+    producer = ctx.Process(
+        target=_produce_process, args=(kafka.model_dump_json(), 0 if preload else rate, seconds, total, ready, go)
+    )
     receive, send = ctx.Pipe(duplex=False)
     reader_ready = ctx.Event()
-    reader = ctx.Process(target=_read_process,
-                         args=(kafka.model_dump_json(), total, seconds * 4 + 120, send, reader_ready))
+    reader = ctx.Process(
+        target=_read_process, args=(kafka.model_dump_json(), total, seconds * 4 + 120, send, reader_ready)
+    )
     producer.start()
     ready.wait(120)
     if preload:
@@ -341,8 +383,7 @@ def main() -> int:
     drain_events = 60_000 if quick else 200_000
     print(f"throughput: draining {drain_events} pre-loaded events ...", flush=True)
     profile = RESULTS / f"kafka-{stamp}-profile.speedscope.json" if args.profile else None
-    report["throughput"] = run_load(settings, rate=0, seconds=30, total=drain_events, preload=True,
-                                    profile_to=profile)
+    report["throughput"] = run_load(settings, rate=0, seconds=30, total=drain_events, preload=True, profile_to=profile)
     if profile:
         report["profile"] = str(profile.relative_to(ROOT))
 
@@ -364,17 +405,35 @@ def _machine() -> dict:
 def write_report(report: dict, stamp: str) -> None:
     json_path = RESULTS / f"kafka-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=2, default=str))
-    lines = [f"# Kafka worker benchmark {stamp}", "", f"machine: {report['machine']}", "",
-             "## Floors (median per call, 1 ONNX thread)", "",
-             "| batch | ONNX ms | Redis read ms | floor events/s |", "|---|---|---|---|"]
+    lines = [
+        f"# Kafka worker benchmark {stamp}",
+        "",
+        f"machine: {report['machine']}",
+        "",
+        "## Floors (median per call, 1 ONNX thread)",
+        "",
+        "| batch | ONNX ms | Redis read ms | floor events/s |",
+        "|---|---|---|---|",
+    ]
     for size, row in report["floors"]["batches"].items():
-        lines.append(f"| {size} | {row['onnx_ms']:.3f} | {row['redis_read_ms']:.3f} | {row['floor_events_per_s']:.0f} |")
+        lines.append(
+            f"| {size} | {row['onnx_ms']:.3f} | {row['redis_read_ms']:.3f} | {row['floor_events_per_s']:.0f} |"
+        )
     t = report["throughput"]
-    lines += ["", "## Sustained throughput (drain of pre-loaded topic, one worker process)", "",
-              f"{t['decided']} of {t['events']} decided, **{t.get('throughput_events_per_s', 0):.0f} events/s**, "
-              f"degraded {t['degraded']}", "", f"stage means (ms): {t['stages_ms_mean']}", "",
-              "## Latency, event sent -> decision readable (open-loop producer)", "",
-              "| offered/s | decided | achieved/s | p50 ms | p99 ms | p99.9 ms | degraded |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Sustained throughput (drain of pre-loaded topic, one worker process)",
+        "",
+        f"{t['decided']} of {t['events']} decided, **{t.get('throughput_events_per_s', 0):.0f} events/s**, "
+        f"degraded {t['degraded']}",
+        "",
+        f"stage means (ms): {t['stages_ms_mean']}",
+        "",
+        "## Latency, event sent -> decision readable (open-loop producer)",
+        "",
+        "| offered/s | decided | achieved/s | p50 ms | p99 ms | p99.9 ms | degraded |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in report["latency"]:
         lines.append(
             f"| {row['offered_rate']:.0f} | {row['decided']} | {row.get('throughput_events_per_s', 0):.0f} | "

@@ -77,9 +77,18 @@ class Backlog:
         from confluent_kafka import Consumer, Producer
 
         self.kafka = kafka
-        self._watermarks = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": f"wm-{uuid.uuid4().hex}"})
-        self._producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 20, "acks": 1,
-                                   "batch.size": 1_000_000, "queue.buffering.max.messages": 2_000_000})
+        self._watermarks = Consumer(
+            {"bootstrap.servers": kafka.bootstrap_servers, "group.id": f"wm-{uuid.uuid4().hex}"}
+        )
+        self._producer = Producer(
+            {
+                "bootstrap.servers": kafka.bootstrap_servers,
+                "linger.ms": 20,
+                "acks": 1,
+                "batch.size": 1_000_000,
+                "queue.buffering.max.messages": 2_000_000,
+            }
+        )
         self._rng = np.random.default_rng(3)
         self._sent = 0
 
@@ -114,8 +123,9 @@ class Backlog:
             self._sent += 1
             while True:
                 try:
-                    self._producer.produce(self.kafka.transactions_topic, key=txn.transaction_id,
-                                           value=codec.encode_transaction_json(txn))
+                    self._producer.produce(
+                        self.kafka.transactions_topic, key=txn.transaction_id, value=codec.encode_transaction_json(txn)
+                    )
                     break
                 except BufferError:
                     self._producer.poll(0.01)
@@ -221,14 +231,17 @@ def _children(pid: int) -> list[int]:
 # --- one point --------------------------------------------------------------------------------
 
 
-def measure_point(deployment: Deployment, backlog: Backlog | None, rate: int, args: argparse.Namespace,
-                  binary: Path) -> dict:
+def measure_point(
+    deployment: Deployment, backlog: Backlog | None, rate: int, args: argparse.Namespace, binary: Path
+) -> dict:
     """gRPC at ``rate`` (0: none) for warm-up + duration; Kafka's pace over the measured window."""
     load_before = _loadavg()
     grpc_result: dict = {}
     loadgen = None
     if rate:
-        loadgen_args = argparse.Namespace(port=args.port, duration=args.duration, warmup=args.warmup, streams=args.streams)
+        loadgen_args = argparse.Namespace(
+            port=args.port, duration=args.duration, warmup=args.warmup, streams=args.streams
+        )
         loadgen = threading.Thread(target=lambda: grpc_result.update(gb.measure(binary, loadgen_args, rate, BUDGET_US)))
         loadgen.start()
     time.sleep(args.warmup + 0.2)  # the loadgen's measured window starts after its warm-up (+ its start-up)
@@ -247,8 +260,11 @@ def measure_point(deployment: Deployment, backlog: Backlog | None, rate: int, ar
         loadgen.join()
     span = t_1 - t_0
     row: dict = {
-        "deployment": deployment.name, "grpc_rate": rate, "kafka": backlog is not None,
-        "loadavg_before": load_before, "loadavg_after": _loadavg(),
+        "deployment": deployment.name,
+        "grpc_rate": rate,
+        "kafka": backlog is not None,
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
         # CPU seconds per second: 2.0 is both cores. "others" is everything not listed (the
         # loadgen, and other people's jobs on this shared box).
         "cpu_share": _cpu_shares(cpu_0, cpu_1, span),
@@ -330,9 +346,15 @@ def _grpc_summary(result: dict) -> dict:
     degraded = {CAUSE_NAMES.get(k, k): v for k, v in result.get("degraded_by_cause", {}).items()}
     sent = result["sent"]
     return {
-        "offered_rps": result["offered_rps"], "achieved_rps": round(result["achieved_rps"], 1),
-        "sent": sent, "answered": result["received"], "errors": result["errors"],
-        "p50_us": result["p50_us"], "p99_us": result["p99_us"], "p999_us": result["p999_us"], "max_us": result["max_us"],
+        "offered_rps": result["offered_rps"],
+        "achieved_rps": round(result["achieved_rps"], 1),
+        "sent": sent,
+        "answered": result["received"],
+        "errors": result["errors"],
+        "p50_us": result["p50_us"],
+        "p99_us": result["p99_us"],
+        "p999_us": result["p999_us"],
+        "max_us": result["max_us"],
         "degraded_by_cause": degraded,
         "degraded_share": round(sum(degraded.values()) / sent, 5) if sent else None,
         # Never answered counts as degraded for the target: the caller got nothing in budget.
@@ -349,8 +371,12 @@ def _loadavg() -> list[float]:
 DEPLOYMENTS = [
     Deployment("before", "fraudscore grpc + fraudscore serve, separate processes, normal priority", one_process=False),
     Deployment("one-process", "fraudscore serve --grpc: one process, one engine for both sources", one_process=True),
-    Deployment("worker-idle", "fraudscore grpc + fraudscore serve with kafka.cpu_priority=idle (SCHED_IDLE)",
-               one_process=False, worker_priority="idle"),
+    Deployment(
+        "worker-idle",
+        "fraudscore grpc + fraudscore serve with kafka.cpu_priority=idle (SCHED_IDLE)",
+        one_process=False,
+        worker_priority="idle",
+    ),
 ]
 BASELINES = [
     Deployment("grpc-alone", "fraudscore grpc, no Kafka worker on the host", one_process=False, with_worker=False),
@@ -358,8 +384,9 @@ BASELINES = [
 ]
 
 
-def run_baseline(deployment: Deployment, settings: Settings, rates: list[int], args: argparse.Namespace,
-                 binary: Path) -> list[dict]:
+def run_baseline(
+    deployment: Deployment, settings: Settings, rates: list[int], args: argparse.Namespace, binary: Path
+) -> list[dict]:
     kafka = _fresh_topics(settings)  # empty: the worker of serve --grpc has nothing to do
     start(deployment, settings, kafka, args)
     try:
@@ -369,8 +396,15 @@ def run_baseline(deployment: Deployment, settings: Settings, rates: list[int], a
         delete_topics(kafka, list(default_topics(kafka)))
 
 
-def run_mixed(deployment: Deployment, settings: Settings, backlog: Backlog, rates: list[int],
-              args: argparse.Namespace, binary: Path, kafka_rate_guess: float) -> list[dict]:
+def run_mixed(
+    deployment: Deployment,
+    settings: Settings,
+    backlog: Backlog,
+    rates: list[int],
+    args: argparse.Namespace,
+    binary: Path,
+    kafka_rate_guess: float,
+) -> list[dict]:
     backlog.fill_to(_backlog_for(kafka_rate_guess, args))
     started = time.monotonic()
     try:
@@ -405,8 +439,10 @@ def _fresh_topics(settings: Settings) -> KafkaSettings:
 
 # --- reporting --------------------------------------------------------------------------------
 
-HEADER = ("| deployment | gRPC req/s | p50 ms | p99 ms | p99.9 ms | degraded (by cause) | unanswered | "
-          "Kafka events/s | Redis PING p50/p99 ms | CPU share | load avg before -> after |")
+HEADER = (
+    "| deployment | gRPC req/s | p50 ms | p99 ms | p99.9 ms | degraded (by cause) | unanswered | "
+    "Kafka events/s | Redis PING p50/p99 ms | CPU share | load avg before -> after |"
+)
 
 
 def format_row(row: dict) -> str:
@@ -422,8 +458,10 @@ def format_row(row: dict) -> str:
         return f"| {row['deployment']} | 0 | - | - | - | - | - | {kafka} | {redis_col} | {cpu} | {load} |"
     causes = ", ".join(f"{k} {v}" for k, v in sorted(g["degraded_by_cause"].items()))
     degraded = f"{g['degraded_share'] * 100:.2f}%" + (f" ({causes})" if causes else "")
-    return (f"| {row['deployment']} | {row['grpc_rate']} | {g['p50_us'] / 1e3:.2f} | {g['p99_us'] / 1e3:.2f} | "
-            f"{g['p999_us'] / 1e3:.2f} | {degraded} | {g['unanswered']} | {kafka} | {redis_col} | {cpu} | {load} |")
+    return (
+        f"| {row['deployment']} | {row['grpc_rate']} | {g['p50_us'] / 1e3:.2f} | {g['p99_us'] / 1e3:.2f} | "
+        f"{g['p999_us'] / 1e3:.2f} | {degraded} | {g['unanswered']} | {kafka} | {redis_col} | {cpu} | {load} |"
+    )
 
 
 def holds_budget(row: dict) -> bool:
@@ -471,12 +509,19 @@ def what_this_shows(rows: list[dict]) -> list[str]:
             if mixed is None:
                 continue
             g = mixed["grpc"]
-            versus = (f" (no Kafka: {alone['grpc']['p99_us'] / 1e3:.1f} ms, {alone['grpc']['degraded_share']:.1%})"
-                      if alone else "")
-            kept = (f", Kafka {mixed['kafka_events_per_s']} events/s of "
-                    f"{kafka_alone['kafka_events_per_s'] if kafka_alone else '?'} alone")
-            lines.append(f"- `{deployment.name}` at {rate} req/s: p99 {g['p99_us'] / 1e3:.1f} ms, "
-                         f"{g['degraded_share']:.1%} degraded{versus}{kept}")
+            versus = (
+                f" (no Kafka: {alone['grpc']['p99_us'] / 1e3:.1f} ms, {alone['grpc']['degraded_share']:.1%})"
+                if alone
+                else ""
+            )
+            kept = (
+                f", Kafka {mixed['kafka_events_per_s']} events/s of "
+                f"{kafka_alone['kafka_events_per_s'] if kafka_alone else '?'} alone"
+            )
+            lines.append(
+                f"- `{deployment.name}` at {rate} req/s: p99 {g['p99_us'] / 1e3:.1f} ms, "
+                f"{g['degraded_share']:.1%} degraded{versus}{kept}"
+            )
     dry = [f"{r['deployment']} at {r['grpc_rate']} req/s" for r in rows if r.get("kafka") and r["backlog_left"] <= 0]
     if dry:
         lines.append(f"- **The backlog ran dry** (Kafka not flat out) in: {', '.join(dry)}.")
@@ -484,21 +529,27 @@ def what_this_shows(rows: list[dict]) -> list[str]:
     if points:
         load = np.mean([r["loadavg_before"][0] for r in points])
         others = np.mean([r["cpu_share"].get("others", 0.0) for r in points])
-        lines.append(f"- The box: 1-min load average {load:.1f} on 2 cores on average over the points; "
-                     f"`others` (loadgen + other people's jobs) took {others:.2f} cores on average.")
+        lines.append(
+            f"- The box: 1-min load average {load:.1f} on 2 cores on average over the points; "
+            f"`others` (loadgen + other people's jobs) took {others:.2f} cores on average."
+        )
     return lines
 
 
 def recommendation(summary: dict) -> str:
     holding = [name for name, v in summary.items() if v["holds_budget_at_target"]]
     if not holding:
-        return (f"No deployment held p99 <= {BUDGET_US / 1e3:.0f} ms and <= {TARGET_DEGRADED_SHARE:.0%} degraded at "
-                f"{TARGET_RATE} req/s with Kafka flat out in this run.")
+        return (
+            f"No deployment held p99 <= {BUDGET_US / 1e3:.0f} ms and <= {TARGET_DEGRADED_SHARE:.0%} degraded at "
+            f"{TARGET_RATE} req/s with Kafka flat out in this run."
+        )
     # Of those that hold the callers' budget, the one that leaves Kafka the most.
     best = max(holding, key=lambda name: summary[name]["kafka_events_per_s_at_target"])
-    return (f"Held the target at {TARGET_RATE} req/s with Kafka flat out: {', '.join(holding)}. "
-            f"Recommended: **{best}** (of those, Kafka kept the most: "
-            f"{summary[best]['kafka_events_per_s_at_target']} events/s at {TARGET_RATE} req/s).")
+    return (
+        f"Held the target at {TARGET_RATE} req/s with Kafka flat out: {', '.join(holding)}. "
+        f"Recommended: **{best}** (of those, Kafka kept the most: "
+        f"{summary[best]['kafka_events_per_s_at_target']} events/s at {TARGET_RATE} req/s)."
+    )
 
 
 def write_report(report: dict, stamp: str) -> Path:
@@ -554,8 +605,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds per point")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
     p.add_argument("--streams", type=int, default=32, help="client streams")
-    p.add_argument("--grpc-processes", type=int, default=1,
-                   help="processes of `fraudscore grpc` in the separate deployments (1: one engine, like serve --grpc)")
+    p.add_argument(
+        "--grpc-processes",
+        type=int,
+        default=1,
+        help="processes of `fraudscore grpc` in the separate deployments (1: one engine, like serve --grpc)",
+    )
     p.add_argument("--port", type=int, default=None, help="gRPC port (default: grpc.port from the settings)")
     p.add_argument("--deployments", default="", help="only these, comma separated (default: all)")
     p.add_argument("--skip-baselines", action="store_true")
@@ -577,8 +632,16 @@ def main(argv: list[str] | None = None) -> int:
     binary = gb.build_loadgen()
     print("seeding benchmark features ...", flush=True)
     gb.seed_features(settings)
-    meta = {"machine": kb._machine(), "loadavg_start": _loadavg(), "warmup_s": args.warmup,
-            "duration_s": args.duration, "streams": args.streams, "grpc_processes": args.grpc_processes, "budget_us": BUDGET_US, "rates": rates}
+    meta = {
+        "machine": kb._machine(),
+        "loadavg_start": _loadavg(),
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+        "streams": args.streams,
+        "grpc_processes": args.grpc_processes,
+        "budget_us": BUDGET_US,
+        "rates": rates,
+    }
     chosen = set(args.deployments.split(",")) if args.deployments else {d.name for d in DEPLOYMENTS}
     rows: list[dict] = []
     print(HEADER, flush=True)
@@ -595,8 +658,13 @@ def main(argv: list[str] | None = None) -> int:
         backlog.close()
         meta["loadavg_end"] = _loadavg()
         summary = verdicts(rows)
-        report = {"meta": meta, "rows": rows, "summary": summary, "recommendation": recommendation(summary),
-                  "what_this_shows": what_this_shows(rows)}
+        report = {
+            "meta": meta,
+            "rows": rows,
+            "summary": summary,
+            "recommendation": recommendation(summary),
+            "what_this_shows": what_this_shows(rows),
+        }
         write_report(report, stamp)  # first: deleting a topic of millions of events can take a while
         _delete_topics_bounded(kafka, timeout_s=60)
     return 0
@@ -609,7 +677,9 @@ def _delete_topics_bounded(kafka: KafkaSettings, timeout_s: float) -> None:
     cleanup.start()
     cleanup.join(timeout_s)
     if cleanup.is_alive():
-        print(f"topics {kafka.transactions_topic} etc. not confirmed deleted after {timeout_s:.0f} s; left to the broker")
+        print(
+            f"topics {kafka.transactions_topic} etc. not confirmed deleted after {timeout_s:.0f} s; left to the broker"
+        )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,11 @@ def sample_until(pid: int, kafka: KafkaSettings, seconds: float, interval_s: flo
         row = {"t_s": round(elapsed, 1), **memory_kb(pid), "decisions": decisions_so_far(kafka)}
         samples.append(row)
         if len(samples) % max(1, int(60 / interval_s)) == 1:
-            print(f"  t={elapsed:5.0f}s  RSS {row['VmRSS'] / 1024:7.1f} MB  anon {row['RssAnon'] / 1024:7.1f} MB  "
-                  f"decisions {row['decisions']}", flush=True)
+            print(
+                f"  t={elapsed:5.0f}s  RSS {row['VmRSS'] / 1024:7.1f} MB  anon {row['RssAnon'] / 1024:7.1f} MB  "
+                f"decisions {row['decisions']}",
+                flush=True,
+            )
         if elapsed >= seconds:
             return samples
         time.sleep(max(0.0, started + len(samples) * interval_s - time.monotonic()))
@@ -98,7 +101,7 @@ def slope_mb_per_min(samples: list[dict], key: str = "VmRSS") -> float:
 
 def pieces(samples: list[dict], n: int) -> list[list[dict]]:
     size = len(samples) // n
-    return [samples[i * size:(i + 1) * size] for i in range(n)]
+    return [samples[i * size : (i + 1) * size] for i in range(n)]
 
 
 def analyse(samples: list[dict]) -> dict:
@@ -141,9 +144,16 @@ def run_soak(settings: Settings, rate: float, seconds: float, interval_s: float)
     finally:
         kb.stop_worker(worker)
         delete_topics(kafka, list(default_topics(kafka)))
-    return {"rate": rate, "seconds": seconds, "events": total, "decided": decided, "degraded_by_cause": degraded,
-            "interval_s": interval_s,
-            "samples": samples, "analysis": analyse(samples)}
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "events": total,
+        "decided": decided,
+        "degraded_by_cause": degraded,
+        "interval_s": interval_s,
+        "samples": samples,
+        "analysis": analyse(samples),
+    }
 
 
 def degraded_by_cause(metrics_port: int) -> dict[str, float]:
@@ -199,8 +209,10 @@ def write_report(report: dict, stamp: str) -> None:
     ]  # fmt: skip
     step = max(1, len(run["samples"]) // 20)
     for s in run["samples"][::step]:
-        lines.append(f"| {s['t_s']:.0f} | {s['VmRSS'] / 1024:.1f} | {s['RssAnon'] / 1024:.1f} | "
-                     f"{s['RssFile'] / 1024:.1f} | {s['decisions']} |")
+        lines.append(
+            f"| {s['t_s']:.0f} | {s['VmRSS'] / 1024:.1f} | {s['RssAnon'] / 1024:.1f} | "
+            f"{s['RssFile'] / 1024:.1f} | {s['decisions']} |"
+        )
     if report.get("notes"):
         lines += ["", "## What this shows", "", report["notes"]]
     md = "\n".join(lines) + "\n"
