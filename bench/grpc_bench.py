@@ -17,6 +17,7 @@ Results: bench/results/grpc-stream.json and .md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -118,6 +119,10 @@ def run_echo_server(port: int, processes: int) -> None:
 
 def seed_features(settings) -> None:
     """Synthetic but plausible features for every benchmark entity, via RedisOnlineStore."""
+    # Before any Feast import: importing Feast sets PROMETHEUS_MULTIPROC_DIR, which the service
+    # started next would inherit (every metric update an mmap write, see workers/features/store.py);
+    # the package's store module imports Feast and undoes it.
+    importlib.import_module("workers.features.store")
     import numpy as np
     from feast.infra.online_stores.redis import RedisOnlineStore
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey

@@ -39,10 +39,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workers.features import definitions as d  # noqa: E402
-from workers.kafka.admin import wait_for_group_assignment  # noqa: E402
-from workers.offline.simulator import LiveStream, SimulatorConfig  # noqa: E402
-from workers.settings import Settings, load_settings  # noqa: E402
+from workers.features import definitions as d
+from workers.kafka.admin import wait_for_group_assignment
+from workers.offline.simulator import LiveStream, SimulatorConfig
+from workers.settings import Settings, load_settings
 
 RESULTS = ROOT / "bench" / "results"
 METRICS_PORT = 9199
@@ -327,12 +327,12 @@ def run_load(
     return result
 
 
-def scrape_stages() -> dict[str, tuple[float, float]]:
+def scrape_stages(port: int = METRICS_PORT) -> dict[str, tuple[float, float]]:
     """stage -> (sum seconds, count) from the worker's histograms."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=2).read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
         return {}
     totals: dict[str, list[float]] = {}

@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import grpc_bench  # noqa: E402
-import kafka_bench  # noqa: E402
+import grpc_bench
+import kafka_bench
 
-from tests.jaeger import running_jaeger  # noqa: E402
+from tests.jaeger import running_jaeger
 
 RESULTS = ROOT / "bench" / "results"
 SAMPLE_RATIO = "0.01"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -71,3 +72,19 @@ def test_stack_names_only_the_services_a_start_would_start(local_stack) -> None:
     closed = {"FRAUDSCORE_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1", "FRAUDSCORE_REDIS__URL": "redis://127.0.0.1:2/0"}
     assert down_services(**closed).split() == ["kafka", "redis"]
     assert down_services(FRAUDSCORE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1") == "kafka"
+
+
+def test_delete_topics_deletes_them(local_stack) -> None:
+    from workers.kafka.admin import admin_client, delete_topics, ensure_topics
+
+    names = [f"delete-me-{uuid.uuid4().hex[:8]}-{i}" for i in range(2)]
+    ensure_topics(local_stack.kafka, dict.fromkeys(names, 1))
+    assert set(names) <= set(admin_client(local_stack.kafka).list_topics(timeout=10).topics)
+    delete_topics(local_stack.kafka, names, timeout_s=20)
+    remaining = set(names)
+    for _ in range(50):  # deletion is asynchronous on the broker after the request is accepted
+        remaining &= set(admin_client(local_stack.kafka).list_topics(timeout=10).topics)
+        if not remaining:
+            break
+        time.sleep(0.2)
+    assert not remaining, f"topics still there: {remaining}"

@@ -71,13 +71,17 @@ def default_topics(kafka: KafkaSettings) -> dict[str, int]:
 
 
 def delete_topics(kafka: KafkaSettings, names: list[str], timeout_s: float = 30.0) -> None:
+    """Deletes the topics, best effort (clean-up), waiting at most ``timeout_s`` for each."""
     if not names:
         return
-    for future in admin_client(kafka).delete_topics(names, operation_timeout=timeout_s).values():
+    # Held in a name until every future is settled: an AdminClient collected at once never sends
+    # the request, and its futures never complete (topics stayed, and a wait hung for ever).
+    admin = admin_client(kafka)
+    for future in admin.delete_topics(names, operation_timeout=timeout_s).values():
         try:
-            future.result()
-        except KafkaException:
-            pass  # already gone: deleting is best-effort clean-up
+            future.result(timeout=timeout_s)
+        except (KafkaException, TimeoutError):
+            pass  # already gone, or the broker is slow: deleting is best-effort clean-up
 
 
 def wait_for_group_assignment(kafka: KafkaSettings, members: int = 1, timeout_s: float = 60.0) -> None:
