@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from workers.features import definitions as d
 from workers.kafka.admin import wait_for_group_assignment
+from workers.kafka.config import connection_config
 from workers.offline.simulator import LiveStream, SimulatorConfig
 from workers.settings import Settings, load_settings
 
@@ -194,7 +195,7 @@ def _produce_process(kafka_json: str, rate: float, seconds: float, total: int, r
     stream = LiveStream.create(config=SIM)
     producer = Producer(
         {
-            "bootstrap.servers": kafka.bootstrap_servers,
+            **connection_config(kafka, "bench"),
             "linger.ms": 1,
             "acks": 1,
             "queue.buffering.max.messages": 1_000_000,
@@ -235,7 +236,7 @@ def _read_process(kafka_json: str, expected: int, timeout_s: float, out, ready=N
     kafka = KafkaSettings.model_validate_json(kafka_json)
     consumer = Consumer(
         {
-            "bootstrap.servers": kafka.bootstrap_servers,
+            **connection_config(kafka, "bench"),
             "group.id": f"reader-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,

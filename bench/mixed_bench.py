@@ -56,6 +56,7 @@ from workers.kafka.admin import (
     isolated,
     wait_for_group_assignment,
 )
+from workers.kafka.config import connection_config
 from workers.records import Transaction
 from workers.settings import KafkaSettings, Settings, load_settings
 
@@ -77,12 +78,10 @@ class Backlog:
         from confluent_kafka import Consumer, Producer
 
         self.kafka = kafka
-        self._watermarks = Consumer(
-            {"bootstrap.servers": kafka.bootstrap_servers, "group.id": f"wm-{uuid.uuid4().hex}"}
-        )
+        self._watermarks = Consumer({**connection_config(kafka, "bench"), "group.id": f"wm-{uuid.uuid4().hex}"})
         self._producer = Producer(
             {
-                "bootstrap.servers": kafka.bootstrap_servers,
+                **connection_config(kafka, "bench"),
                 "linger.ms": 20,
                 "acks": 1,
                 "batch.size": 1_000_000,

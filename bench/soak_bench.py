@@ -36,6 +36,7 @@ sys.path.insert(0, str(BENCH))
 import kafka_bench as kb
 
 from workers.kafka.admin import default_topics, delete_topics
+from workers.kafka.config import connection_config
 from workers.settings import KafkaSettings, Settings
 
 LEVEL_MB_PER_MIN = 0.2
@@ -60,7 +61,7 @@ def decisions_so_far(kafka: KafkaSettings) -> int:
     """Decisions the broker holds for this run: the decisions topic's high watermarks, summed."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": "soak-watermarks"})
+    consumer = Consumer({**connection_config(kafka, "bench"), "group.id": "soak-watermarks"})
     try:
         return sum(
             consumer.get_watermark_offsets(TopicPartition(kafka.decisions_topic, p), timeout=5, cached=False)[1]

@@ -12,6 +12,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 
+from workers.kafka.config import connection_config
 from workers.settings import REPO_ROOT, KafkaSettings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -19,14 +20,14 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
 def test_kafka_produce_then_consume_round_trips_keys_and_values(kafka_topics: KafkaSettings) -> None:
     sent = {f"key-{i}".encode(): uuid.uuid4().bytes for i in range(50)}
-    producer = Producer({"bootstrap.servers": kafka_topics.bootstrap_servers, "enable.idempotence": True})
+    producer = Producer({**connection_config(kafka_topics, "test"), "enable.idempotence": True})
     for key, value in sent.items():
         producer.produce(kafka_topics.transactions_topic, key=key, value=value)
     assert producer.flush(15) == 0, "messages not acknowledged by the broker"
 
     consumer = Consumer(
         {
-            "bootstrap.servers": kafka_topics.bootstrap_servers,
+            **connection_config(kafka_topics, "test"),
             "group.id": kafka_topics.group_id,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,

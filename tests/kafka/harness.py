@@ -20,6 +20,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, Message, Producer
 
 from workers import codec
+from workers.kafka.config import connection_config
 from workers.offline.simulator import LiveStream, SimulatorConfig
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.records import Transaction
@@ -86,7 +87,7 @@ def start_worker(env: dict[str, str], log_path: Path) -> WorkerProcess:
 
 def produce(kafka: KafkaSettings, payloads: list[tuple[str, bytes]], content_type: str | None = None) -> None:
     producer = Producer(
-        {"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5, "acks": "all", "message.max.bytes": 2_000_000}
+        {**connection_config(kafka, "test"), "linger.ms": 5, "acks": "all", "message.max.bytes": 2_000_000}
     )
     headers = [("content-type", content_type)] if content_type else None
     for key, value in payloads:
@@ -116,7 +117,7 @@ class Collector:
     def __post_init__(self) -> None:
         self._consumer = Consumer(
             {
-                "bootstrap.servers": self.kafka.bootstrap_servers,
+                **connection_config(self.kafka, "test"),
                 "group.id": f"collector-{self.topic}-{time.monotonic_ns()}",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,

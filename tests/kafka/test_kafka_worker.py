@@ -33,6 +33,7 @@ from tests.kafka.harness import (
 )
 from workers import codec
 from workers.features import definitions as d
+from workers.kafka.config import connection_config
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.records import Transaction
 from workers.settings import REPO_ROOT, KafkaSettings, Settings
@@ -349,7 +350,7 @@ def test_poison_pills_go_to_the_dlq_and_a_restarted_worker_does_not_meet_them_ag
     _produce_with_poison(kafka_topics, good)
     # A header key that is not UTF-8: the worker must still read the event (sniffing its format).
     odd_header = live(1, seed=12)[0]
-    producer = Producer({"bootstrap.servers": kafka_topics.bootstrap_servers})
+    producer = Producer(connection_config(kafka_topics, "test"))
     producer.produce(
         kafka_topics.transactions_topic,
         key=odd_header.transaction_id,
@@ -519,7 +520,7 @@ def test_a_traced_event_has_its_stage_spans_in_jaeger_and_its_decision_carries_t
     traceparent = f"00-{caller_trace}-{uuid.uuid4().hex[:16]}-01"
     plain, traced = live(5, seed=21), live(1, seed=22)[0]
     produce_transactions(kafka_topics, plain)
-    producer = Producer({"bootstrap.servers": kafka_topics.bootstrap_servers})
+    producer = Producer(connection_config(kafka_topics, "test"))
     producer.produce(
         kafka_topics.transactions_topic,
         key=traced.transaction_id,
