@@ -48,6 +48,14 @@ def test_traceparent_is_parsed_or_ignored(value, expected) -> None:
     assert (None if parent is None else (parent.trace_id, parent.span_id, parent.sampled)) == expected
 
 
+def test_traces_per_second_are_capped_whatever_asks_for_them() -> None:
+    capped, _ = _tracing(sample_ratio=1.0, max_traces_per_s=50)
+    chosen = sum(capped.choose(CALLER, degraded=True) is not None for _ in range(1_000))
+    assert 45 <= chosen <= 55, "a second's worth of burst, then the cap (a degraded storm must not trace all)"
+    time.sleep(0.2)
+    assert capped.choose(None, degraded=True) is not None, "the budget refills"
+
+
 def test_who_is_traced() -> None:
     never, _ = _tracing(sample_ratio=0.0)
     assert never.choose(None, degraded=False) is None, "not sampled, not degraded"
@@ -59,9 +67,9 @@ def test_who_is_traced() -> None:
     assert never.choose(None, degraded=True) is not None
     dropped, _ = _tracing(sample_ratio=0.0, keep_degraded=False)
     assert dropped.choose(None, degraded=True) is None
-    always, _ = _tracing(sample_ratio=1.0)
+    always, _ = _tracing(sample_ratio=1.0, max_traces_per_s=1e9)
     assert always.choose(None, degraded=False) is not None
-    some, _ = _tracing(sample_ratio=0.25)
+    some, _ = _tracing(sample_ratio=0.25, max_traces_per_s=1e9)
     share = sum(some.choose(None, degraded=False) is not None for _ in range(20_000)) / 20_000
     assert 0.22 < share < 0.28
 
@@ -95,6 +103,7 @@ def test_a_traced_decision_gets_its_stage_spans_under_the_promised_id() -> None:
             sink_started_ns=now,
             sink_ended_ns=now + 200_000,
         )
+    assert tracing.flush()
     spans = exporter.get_finished_spans()
     batches = [s for s in spans if s.name == "fraudscore.batch"]
     assert len(batches) == 1 and batches[0].attributes["fraudscore.batch.rows"] == 2
@@ -138,6 +147,7 @@ def test_a_fallback_decision_has_no_model_stages() -> None:
         sink_started_ns=now,
         sink_ended_ns=now + 10_000,
     )
+    assert tracing.flush()
     names = sorted(s.name for s in exporter.get_finished_spans())
     assert names == ["decide", "fraudscore.decision", "queue", "receive", "respond"]
     root = next(s for s in exporter.get_finished_spans() if s.name == "fraudscore.decision")

@@ -161,6 +161,14 @@ GRPC_SHED = Counter(
     ["method"],
 )
 
+# --- tracing ------------------------------------------------------------------------
+TRACES = Counter(
+    "fraudscore_traces_total",
+    "Decisions chosen for a trace (workers/tracing.py), by result: written, or dropped by the "
+    "rate limit (tracing.max_traces_per_s) or because the span writer was behind.",
+    ["result"],
+)
+
 # --- REST endpoint (the same answers as gRPC Score, measured on their own) -------------
 REST_LATENCY = Histogram(
     "fraudscore_rest_request_latency_seconds",

@@ -23,6 +23,7 @@ The decision carries its trace onward: a ``traceparent`` of the ``fraudscore.dec
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import threading
 import time
@@ -35,9 +36,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
+from workers import metrics
 from workers.records import Decision
 from workers.settings import TracingSettings
 from workers.types import BatchTiming
+
+log = logging.getLogger(__name__)
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # Batch spans already written (by id); a batch finishes within milliseconds, so a short memory does.
@@ -111,11 +115,40 @@ class _PresetIds(IdGenerator):
         return span_id or self._random.generate_span_id()
 
 
+class _TokenBucket:
+    """At most ``rate`` takes per second on average, bursts of up to one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = rate
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+
+_WRITTEN, _RATE_LIMITED, _WRITER_BEHIND = (
+    metrics.TRACES.labels(r) for r in ("written", "rate_limited", "writer_behind")
+)
+# Decisions waiting for their spans to be written; past this the writer is behind and new ones are dropped.
+_PENDING_MAX = 10_000
+
+
 class Tracing:
     """The process's tracer. Thread-safe: sinks call it from engine threads and event loops.
 
-    ``exporter``: where spans go (default: OTLP/gRPC to ``tracing.otlp_endpoint``, batched
-    in a background thread); tests pass an in-memory one, exported synchronously."""
+    ``record`` only queues: one writer thread builds the spans (the SDK costs tens of us a
+    span), so a sink never waits for them. ``exporter``: where spans go (default: OTLP/gRPC to
+    ``tracing.otlp_endpoint``, batched by the SDK in its own thread); tests pass an in-memory one.
+    """
 
     def __init__(self, settings: TracingSettings, service: str, exporter: SpanExporter | None = None) -> None:
         self.settings = settings
@@ -131,10 +164,17 @@ class Tracing:
         self._provider = provider
         self._tracer = provider.get_tracer("fraudscore")
         self._random = random.Random()
+        self._budget = _TokenBucket(settings.max_traces_per_s)
         self._batches: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._lock = threading.Lock()
         # Pipeline clocks are monotonic; spans want the epoch.
         self._epoch_offset_ns = time.time_ns() - time.monotonic_ns()
+        self._pending: collections.deque[tuple] = collections.deque()
+        self._wake = threading.Condition()
+        self._writing = 0
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_forever, name="trace-writer", daemon=True)
+        self._writer.start()
 
     # --- choosing -----------------------------------------------------------------------
     def choose(self, traceparent: str | bytes | None, degraded: bool) -> Traced | None:
@@ -146,12 +186,67 @@ class Tracing:
             sampled = self._random.random() < self.settings.sample_ratio
         if not sampled and not (degraded and self.settings.keep_degraded):
             return None
+        if not self._budget.take():
+            _RATE_LIMITED.inc()
+            return None
         if parent is None:
             parent = Parent(self._random.getrandbits(128) or 1, 0, sampled)
         return Traced(parent, self._random.getrandbits(64) or 1)
 
     # --- writing ------------------------------------------------------------------------
     def record(
+        self,
+        traced: Traced,
+        decision: Decision,
+        timing: BatchTiming,
+        *,
+        kind: SpanKind,
+        received_ns: int,
+        sink: str,
+        sink_started_ns: int,
+        sink_ended_ns: int,
+    ) -> None:
+        """Queues a traced decision's spans for the writer thread (see ``_write``)."""
+        if len(self._pending) >= _PENDING_MAX:
+            _WRITER_BEHIND.inc()
+            return
+        self._pending.append((traced, decision, timing, kind, received_ns, sink, sink_started_ns, sink_ended_ns))
+        with self._wake:
+            self._wake.notify()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Waits until every queued decision's spans are written (handed to the exporter)."""
+        deadline = time.monotonic() + timeout_s
+        with self._wake:
+            while self._pending or self._writing:
+                if not self._wake.wait(max(0.0, deadline - time.monotonic())):
+                    return False
+        return True
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if not self._pending:
+                    return
+                self._writing = 1
+            try:
+                while self._pending:
+                    traced, decision, timing, kind, received_ns, sink, started_ns, ended_ns = self._pending.popleft()
+                    try:
+                        self._write(traced, decision, timing, kind=kind, received_ns=received_ns, sink=sink,
+                                    sink_started_ns=started_ns, sink_ended_ns=ended_ns)  # fmt: skip
+                    except Exception:  # a bug here must not end tracing for the process
+                        log.exception("writing the spans of %s failed", decision.transaction_id)
+                        continue
+                    _WRITTEN.inc()
+            finally:
+                with self._wake:
+                    self._writing = 0
+                    self._wake.notify_all()
+
+    def _write(
         self,
         traced: Traced,
         decision: Decision,
@@ -228,7 +323,12 @@ class Tracing:
         return Link(span.get_span_context())
 
     def shutdown(self) -> None:
-        """Exports what is buffered (SIGTERM path)."""
+        """Writes and exports what is buffered (SIGTERM path)."""
+        self.flush()
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        self._writer.join(5)
         self._provider.shutdown()
 
 
