@@ -103,6 +103,10 @@ class EngineSettings(BaseModel):
     # (Kafka) batches hold at most the others, so a caller never finds every executor deep
     # in a 1,000-row batch. Applies when there are more executors than this; 0 disables.
     sync_reserved_executors: int = 1
+    # The share of queue_capacity_rows that only synchronous (gRPC/REST) requests may fill. A
+    # Kafka backlog keeps the queue full by design; without a reserve, a caller sharing the
+    # engine with it (fraudscore serve --grpc) found it full and got OVERLOADED (mixed_bench).
+    sync_reserved_queue_share: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.125
     # In order of preference; the first whose execution provider is present is used, and
     # batches it would not finish before their deadline overflow to the CPU pool.
     gpu_pools: list[PoolSettings] = Field(

@@ -221,3 +221,16 @@ def test_without_callers_stream_batches_use_every_executor() -> None:
     for i in range(2):
         batcher.submit(request(rows=10, priority=Priority.STREAM, tag=f"k{i}"))
     assert batcher.next_batch() and batcher.next_batch(), "no caller seen: no executor held back"
+
+
+def test_the_sync_reserve_is_room_that_stream_requests_cannot_take() -> None:
+    batcher = Batcher(max_batch_rows=8, max_queue_delay_s=0.0, capacity_rows=10, sync_reserve_rows=4)
+    assert batcher.submit_many([request(3), request(3), request(3)]) == [True, True, False], (
+        "stream rows stop at capacity - reserve (6)"
+    )
+    sync = [request(1, priority=Priority.SYNC) for _ in range(5)]
+    assert batcher.submit_many(sync) == [True, True, True, True, False], "callers get the reserve, then it is full"
+    with pytest.raises(ValueError, match="never fit"):
+        batcher.submit(request(7))
+    with pytest.raises(ValueError, match="must leave"):
+        Batcher(max_batch_rows=8, max_queue_delay_s=0.0, capacity_rows=10, sync_reserve_rows=10)

@@ -203,9 +203,15 @@ def test_back_pressure_and_stop_without_drain_returns_unanswered(settings: Setti
     while engine.submit(txns([1.0] * 16), far(), Priority.STREAM, collector):
         accepted += 1
         assert accepted <= 16, "the queue never pushed back"
-    assert accepted * 16 == settings.engine.queue_capacity_rows
+    reserve = engine.batcher.capacity_rows - engine.batcher.stream_capacity_rows
+    assert reserve > 0 and accepted * 16 == settings.engine.queue_capacity_rows - reserve
+    synced = 0
+    while engine.submit(txns([1.0]), far(), Priority.SYNC, collector):  # the reserve is the callers'
+        synced += 1
+        assert synced <= reserve, "the queue never pushed back"
+    assert synced == reserve
     abandoned = engine.stop(drain=False)
-    assert len(abandoned) == accepted and collector.results.empty()
+    assert len(abandoned) == accepted + synced and collector.results.empty()
     assert not engine.submit(txns([1.0]), far(), Priority.SYNC, collector)
 
 

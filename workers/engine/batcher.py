@@ -11,7 +11,9 @@ with a deadline and a priority. Executors call ``next_batch`` whenever they are 
   [1, max_batch_rows]: at low load it is 1, so nothing waits. Under load a free executor
   waits for company, but never past the oldest request's enqueue time + max queue delay,
   nor past the head request's deadline minus the expected service time.
-- Bound: ``capacity_rows``; ``submit`` returns False at once when full (back-pressure).
+- Bound: ``capacity_rows``; ``submit`` returns False at once when full (back-pressure). The
+  last ``sync_reserve_rows`` of it only synchronous requests may fill: a Kafka backlog keeps the
+  queue full by design (the topic is the buffer), and callers must still find room.
 - Sync lane: a batch never mixes priorities (a caller's row must not wait for 1,000 stream
   rows to be enriched with it), and while synchronous requests keep arriving, stream
   batches may occupy at most ``stream_slots`` executors, so one is always free for the next
@@ -67,14 +69,19 @@ class Batcher:
         capacity_rows: int,
         clock: Callable[[], int] = time.monotonic_ns,
         stream_slots: int | None = None,
+        sync_reserve_rows: int = 0,
     ) -> None:
         if max_batch_rows < 1 or capacity_rows < 1:
             raise ValueError("max_batch_rows and capacity_rows must be >= 1")
+        if not 0 <= sync_reserve_rows < capacity_rows:
+            raise ValueError("sync_reserve_rows must leave stream requests some of the capacity")
         if stream_slots is not None and stream_slots < 1:
             raise ValueError("stream_slots must be >= 1 (or None: no sync lane)")
         self.max_batch_rows = max_batch_rows
         self.max_queue_delay_ns = int(max_queue_delay_s * 1e9)
         self.capacity_rows = capacity_rows
+        # What stream requests may fill; the rest of the capacity is for synchronous callers.
+        self.stream_capacity_rows = capacity_rows - sync_reserve_rows
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[int, int, int, Request]] = []
@@ -103,12 +110,14 @@ class Batcher:
         saves a wake-up per request and hands the executor a batch instead of a row."""
         accepted: list[bool] = []
         for request in requests:
-            if len(request.txns) > self.capacity_rows:
-                raise ValueError(f"a request of {len(request.txns)} rows can never fit a queue of {self.capacity_rows}")
+            if len(request.txns) > self._limit(request):
+                raise ValueError(
+                    f"a request of {len(request.txns)} rows can never fit a queue of {self._limit(request)}"
+                )
         with self._cond:
             for request in requests:
                 rows = len(request.txns)
-                if self._closed or self._queued_rows + rows > self.capacity_rows:
+                if self._closed or self._queued_rows + rows > self._limit(request):
                     accepted.append(False)
                     continue
                 heapq.heappush(self._heap, (request.priority, request.deadline_ns, next(self._seq), request))
@@ -123,6 +132,10 @@ class Batcher:
             if not ok:
                 metrics.QUEUE_REJECTED.labels(request.priority.name.lower()).inc(len(request.txns))
         return accepted
+
+    def _limit(self, request: Request) -> int:
+        """Rows the queue may hold once this request is in it."""
+        return self.capacity_rows if request.priority == Priority.SYNC else self.stream_capacity_rows
 
     # --- executor side ---------------------------------------------------------------
     def next_batch(self) -> list[Request] | None:

@@ -71,6 +71,7 @@ class ScoringEngine:
             settings.max_queue_delay_ms / 1000.0,
             settings.queue_capacity_rows,
             stream_slots=self._stream_slots(settings.sync_reserved_executors),
+            sync_reserve_rows=int(settings.queue_capacity_rows * settings.sync_reserved_queue_share),
         )
         self._threads: list[threading.Thread] = []
         # Per executor, when it took its current batch (0.0 while waiting): liveness tells a
