@@ -138,6 +138,8 @@ class _TokenBucket:
 _WRITTEN, _RATE_LIMITED, _WRITER_BEHIND = (
     metrics.TRACES.labels(r) for r in ("written", "rate_limited", "writer_behind")
 )
+# Spans per OTLP export call (the SDK's default is 512).
+_EXPORT_BATCH_SPANS = 64
 # Decisions waiting for their spans to be written; past this the writer is behind and new ones are dropped.
 _PENDING_MAX = 10_000
 
@@ -158,7 +160,9 @@ class Tracing:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             otlp = OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=settings.otlp_insecure)
-            provider.add_span_processor(BatchSpanProcessor(otlp))
+            # Small export batches: the OTLP encoder is Python and holds the GIL for the whole
+            # batch (512 spans by default: tens of ms in which a caller's event loop cannot run).
+            provider.add_span_processor(BatchSpanProcessor(otlp, max_export_batch_size=_EXPORT_BATCH_SPANS))
         else:
             provider.add_span_processor(SimpleSpanProcessor(exporter))
         self._provider = provider
@@ -241,6 +245,9 @@ class Tracing:
                         log.exception("writing the spans of %s failed", decision.transaction_id)
                         continue
                     _WRITTEN.inc()
+                    # Let the others have the GIL between decisions: left alone, this thread
+                    # would keep it for the whole switch interval (5 ms) while a backlog lasts.
+                    time.sleep(0)
             finally:
                 with self._wake:
                     self._writing = 0
