@@ -141,25 +141,28 @@ CONSUMER_LAG = Gauge(
     ["partition"],
 )
 
-# --- gRPC service ---------------------------------------------------------------------
-GRPC_LATENCY = Histogram(
-    "fraudscore_grpc_request_latency_seconds",
-    "gRPC handling time per method.",
-    ["method"],
-    buckets=LATENCY_BUCKETS_S,
-)
-GRPC_IN_FLIGHT = Gauge("fraudscore_grpc_in_flight_requests", "Requests being handled.", ["method"])
-GRPC_DEADLINE_FALLBACKS = Counter(
-    "fraudscore_grpc_deadline_fallbacks_total",
-    "Requests answered with the rules fallback because the deadline arrived first.",
-    ["method"],
-)
+# --- synchronous callers: gRPC methods and REST routes, one family set each ------------
+
+
+def _caller_families(transport: str, label: str) -> tuple[Histogram, Gauge, Counter, Counter]:
+    """(latency, in flight, deadline fallbacks, shed) for one transport, labelled by ``label``."""
+    name = f"fraudscore_{transport}"
+    what = {"grpc": "gRPC requests", "rest": "REST requests"}[transport]
+    return (
+        Histogram(f"{name}_request_latency_seconds", f"{what}: handling time per {label}.", [label],
+                  buckets=LATENCY_BUCKETS_S),
+        Gauge(f"{name}_in_flight_requests", f"{what} being handled.", [label]),
+        Counter(f"{name}_deadline_fallbacks_total",
+                f"{what} answered with the rules fallback because the deadline arrived first.", [label]),
+        Counter(f"{name}_shed_total",
+                f"{what} answered at arrival with the rules fallback (OVERLOADED): no time to score them.", [label]),
+    )  # fmt: skip
+
+
+GRPC_LATENCY, GRPC_IN_FLIGHT, GRPC_DEADLINE_FALLBACKS, GRPC_SHED = _caller_families("grpc", "method")
+# The REST endpoint gives the same answers as gRPC Score, measured on their own.
+REST_LATENCY, REST_IN_FLIGHT, REST_DEADLINE_FALLBACKS, REST_SHED = _caller_families("rest", "route")
 GRPC_ACTIVE_STREAMS = Gauge("fraudscore_grpc_active_streams", "Open ScoreStream calls.")
-GRPC_SHED = Counter(
-    "fraudscore_grpc_shed_total",
-    "Requests answered at arrival with the rules fallback (OVERLOADED): no time to score them.",
-    ["method"],
-)
 
 # --- tracing ------------------------------------------------------------------------
 TRACES = Counter(
@@ -167,25 +170,6 @@ TRACES = Counter(
     "Decisions chosen for a trace (workers/tracing.py), by result: written, or dropped by the "
     "rate limit (tracing.max_traces_per_s) or because the span writer was behind.",
     ["result"],
-)
-
-# --- REST endpoint (the same answers as gRPC Score, measured on their own) -------------
-REST_LATENCY = Histogram(
-    "fraudscore_rest_request_latency_seconds",
-    "REST handling time per route.",
-    ["route"],
-    buckets=LATENCY_BUCKETS_S,
-)
-REST_IN_FLIGHT = Gauge("fraudscore_rest_in_flight_requests", "REST requests being handled.", ["route"])
-REST_DEADLINE_FALLBACKS = Counter(
-    "fraudscore_rest_deadline_fallbacks_total",
-    "REST requests answered with the rules fallback because the deadline arrived first.",
-    ["route"],
-)
-REST_SHED = Counter(
-    "fraudscore_rest_shed_total",
-    "REST requests answered at arrival with the rules fallback (OVERLOADED): no time to score them.",
-    ["route"],
 )
 
 

@@ -115,6 +115,20 @@ class _PresetIds(IdGenerator):
         return span_id or self._random.generate_span_id()
 
 
+@dataclass(frozen=True, slots=True)
+class _Finished:
+    """A traced decision whose spans are still to be written."""
+
+    traced: Traced
+    decision: Decision
+    timing: BatchTiming
+    kind: SpanKind
+    received_ns: int
+    sink: str
+    sink_started_ns: int
+    sink_ended_ns: int
+
+
 class _TokenBucket:
     """At most ``rate`` takes per second on average, bursts of up to one second's worth."""
 
@@ -173,7 +187,7 @@ class Tracing:
         self._lock = threading.Lock()
         # Pipeline clocks are monotonic; spans want the epoch.
         self._epoch_offset_ns = time.time_ns() - time.monotonic_ns()
-        self._pending: collections.deque[tuple] = collections.deque()
+        self._pending: collections.deque[_Finished] = collections.deque()
         self._wake = threading.Condition()
         self._writing = 0
         self._closed = False
@@ -210,11 +224,15 @@ class Tracing:
         sink_started_ns: int,
         sink_ended_ns: int,
     ) -> None:
-        """Queues a traced decision's spans for the writer thread (see ``_write``)."""
+        """Queues a traced decision's spans for the writer thread (see ``_write``). Times:
+        ``time.monotonic_ns``. ``received_ns``: the transaction arrived (consumed / read); the
+        sink (produce / respond) ran from ``sink_started_ns`` to ``sink_ended_ns``."""
         if len(self._pending) >= _PENDING_MAX:
             _WRITER_BEHIND.inc()
             return
-        self._pending.append((traced, decision, timing, kind, received_ns, sink, sink_started_ns, sink_ended_ns))
+        self._pending.append(
+            _Finished(traced, decision, timing, kind, received_ns, sink, sink_started_ns, sink_ended_ns)
+        )
         with self._wake:
             self._wake.notify()
 
@@ -237,12 +255,11 @@ class Tracing:
                 self._writing = 1
             try:
                 while self._pending:
-                    traced, decision, timing, kind, received_ns, sink, started_ns, ended_ns = self._pending.popleft()
+                    finished = self._pending.popleft()
                     try:
-                        self._write(traced, decision, timing, kind=kind, received_ns=received_ns, sink=sink,
-                                    sink_started_ns=started_ns, sink_ended_ns=ended_ns)  # fmt: skip
+                        self._write(finished)
                     except Exception:  # a bug here must not end tracing for the process
-                        log.exception("writing the spans of %s failed", decision.transaction_id)
+                        log.exception("writing the spans of %s failed", finished.decision.transaction_id)
                         continue
                     _WRITTEN.inc()
                     # Let the others have the GIL between decisions: left alone, this thread
@@ -253,23 +270,15 @@ class Tracing:
                     self._writing = 0
                     self._wake.notify_all()
 
-    def _write(
-        self,
-        traced: Traced,
-        decision: Decision,
-        timing: BatchTiming,
-        *,
-        kind: SpanKind,
-        received_ns: int,
-        sink: str,
-        sink_started_ns: int,
-        sink_ended_ns: int,
-    ) -> None:
-        """Writes the decision span and its stage spans. Times: ``time.monotonic_ns``.
-
-        ``received_ns``: the transaction arrived (consumed / read); the sink (produce /
-        respond) ran from ``sink_started_ns`` to ``sink_ended_ns``. The engine's stages follow
-        its batch's dequeue time with the durations it measured."""
+    def _write(self, finished: _Finished) -> None:
+        """Writes the decision span and its stage spans. The engine's stages follow its
+        batch's dequeue time with the durations it measured."""
+        traced, decision, timing = finished.traced, finished.decision, finished.timing
+        received_ns, sink_started_ns, sink_ended_ns = (
+            finished.received_ns,
+            finished.sink_started_ns,
+            finished.sink_ended_ns,
+        )
         epoch = self._epoch_offset_ns
         enrich_start = (
             timing.dequeued_ns or sink_started_ns - (timing.decide_us + timing.inference_us + timing.enrich_us) * 1000
@@ -284,7 +293,7 @@ class Tracing:
         root = self._tracer.start_span(
             "fraudscore.decision",
             context=_context(traced.parent.trace_id, traced.parent.span_id) if traced.parent.span_id else None,
-            kind=kind,
+            kind=finished.kind,
             start_time=epoch + min(received_ns, queued),
             attributes=_decision_attributes(decision, timing, traced),
         )
@@ -297,7 +306,7 @@ class Tracing:
             ("enrich", enrich_start, score_start, links),
             ("score", score_start, decide_start, links),
             ("decide", decide_start, answered, links),
-            (sink, max(answered, sink_started_ns), sink_ended_ns, None),
+            (finished.sink, max(answered, sink_started_ns), sink_ended_ns, None),
         ]
         for name, start, end, stage_links in stages:
             if end <= start and name in ("enrich", "score"):
