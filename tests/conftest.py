@@ -99,3 +99,25 @@ def features(local_stack: Settings, tmp_path_factory: pytest.TempPathFactory) ->
     redis.Redis.from_url(settings.redis.url).flushdb()
     materialize(settings)
     return settings
+
+
+@pytest.fixture(scope="module")
+def store_history():  # -> pd.DataFrame
+    """The simulated history (``tests.features.harness.STORE_SIM``) that store tests load."""
+    from tests.features.harness import STORE_SIM
+    from workers.offline.simulator import simulate_transactions
+
+    return simulate_transactions(STORE_SIM)
+
+
+@pytest.fixture
+def redis_server(tmp_path):  # -> Iterator[RedisServer]
+    """A redis-server of this test's own, without persistence: it may stop it, restart it empty."""
+    from tests.features.harness import RedisServer
+
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()

@@ -23,13 +23,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.features.harness import RedisServer, load, store_settings
-from tests.features.test_store_loss import SIM
 from tests.kafka.harness import WorkerProcess, feast_env, free_port, worker_env
 from tests.rpc.harness import GATED_CUSTOMER, SlowReader, service_settings
 from workers.engine.engine import ScoringEngine
 from workers.features.online import LeanRedisReader
 from workers.health import CheckResult, HealthServer, Heartbeat, Probes, add_engine_checks
-from workers.offline.simulator import simulate_transactions
 from workers.records import Transaction
 from workers.rpc.server import SERVICE_NAME, start_service
 from workers.settings import REPO_ROOT, KafkaSettings, Settings
@@ -184,28 +182,13 @@ def test_an_executor_stuck_in_one_batch_fails_livez_and_an_idle_one_does_not(
 # --- the real Redis: /readyz and gRPC health follow it ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def transactions() -> pd.DataFrame:
-    return simulate_transactions(SIM)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(directory)
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.redis
 @pytest.mark.timeout(180)
 def test_readyz_and_grpc_health_turn_unready_when_redis_stops_and_ready_when_it_is_back(
-    tmp_path: Path, redis_server: RedisServer, transactions: pd.DataFrame, server: HealthServer
+    tmp_path: Path, redis_server: RedisServer, store_history: pd.DataFrame, server: HealthServer
 ) -> None:
     settings = store_settings(tmp_path, redis_server)
-    load(settings, transactions)
+    load(settings, store_history)
     engine = ScoringEngine.from_settings(settings, LeanRedisReader(settings), executors=2)
     engine.start()
     add_engine_checks(server.probes, engine, settings.metrics.loop_stall_s)
@@ -242,7 +225,7 @@ def test_readyz_and_grpc_health_turn_unready_when_redis_stops_and_ready_when_it_
                     assert time.monotonic() < lost_by, engine.store.state
                     await asyncio.sleep(0.05)
                 seen["empty"] = await both()
-                await asyncio.to_thread(load, settings, transactions)  # fraudscore features materialize
+                await asyncio.to_thread(load, settings, store_history)  # fraudscore features materialize
                 seen["back"] = await until_both(200, SERVING)
         finally:
             await service.stop(settings.grpc.grace_period_s)

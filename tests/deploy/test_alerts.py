@@ -13,11 +13,9 @@ import yaml
 
 from tests.deploy.prometheus import PrometheusServer, prometheus_binary
 from tests.features.harness import RedisServer, load, store_settings
-from tests.features.test_store_loss import SIM
 from workers.engine.engine import ScoringEngine
 from workers.features.online import LeanRedisReader
 from workers.health import HealthServer, Probes, add_engine_checks
-from workers.offline.simulator import simulate_transactions
 from workers.settings import REPO_ROOT
 
 RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
@@ -59,28 +57,13 @@ def test_promtool_unit_tests_pass_with_a_firing_and_a_quiet_case_per_alert() -> 
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
 
 
-@pytest.fixture(scope="module")
-def transactions() -> pd.DataFrame:
-    return simulate_transactions(SIM)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(directory)
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.redis
 @pytest.mark.timeout(240)
 def test_redis_stopped_and_a_process_stopped_fire_their_alerts_in_a_real_prometheus_within_for(
-    tmp_path: Path, redis_server: RedisServer, transactions: pd.DataFrame
+    tmp_path: Path, redis_server: RedisServer, store_history: pd.DataFrame
 ) -> None:
     settings = store_settings(tmp_path, redis_server)
-    load(settings, transactions)
+    load(settings, store_history)
     engine = ScoringEngine.from_settings(settings, LeanRedisReader(settings), executors=1)
     engine.start()
     scoring = HealthServer("127.0.0.1", 0, Probes()).start()  # the process whose store goes away

@@ -13,7 +13,11 @@ import pandas as pd
 import redis
 
 from tests.rpc.harness import service_settings
+from workers.offline.simulator import SimulatorConfig
 from workers.settings import Settings
+
+# Small: simulated and loaded into a Redis of the test's own in about a second.
+STORE_SIM = SimulatorConfig(n_customers=100, n_terminals=200, n_days=35, seed=5)
 
 # The engine's idle probe of the store, short so that health follows within a test's patience.
 PROBE_INTERVAL_S = 0.2

@@ -9,7 +9,6 @@ import gc
 import queue
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,6 @@ from tests.features.harness import RedisServer, load, store_settings
 from tests.rpc.harness import request, serving
 from workers.engine.store_health import StoreState
 from workers.features.online import LeanRedisReader
-from workers.offline.simulator import SimulatorConfig, simulate_transactions
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.records import Transaction
 from workers.rpc.server import SERVICE_NAME
@@ -30,7 +28,6 @@ from workers.types import Priority
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
 
-SIM = SimulatorConfig(n_customers=100, n_terminals=200, n_days=35, seed=5)
 KNOWN_CUSTOMER = 1  # in the simulated population, as is terminal 3 (the harness's)
 # With no traffic, health changes within one probe interval of the store's; allowed here with
 # room for a busy 2-core box.
@@ -39,30 +36,15 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.fixture(scope="module")
-def transactions() -> pd.DataFrame:
-    return simulate_transactions(SIM)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(directory)
-    server.start()
-    yield server
-    server.stop()
-
-
 def _degraded(cause: str) -> float:
     return REGISTRY.get_sample_value("fraudscore_degraded_decisions_total", {"cause": cause}) or 0.0
 
 
 def test_restart_empty_is_features_lost_down_is_features_unavailable_and_reloading_restores_serving(
-    tmp_path: Path, redis_server: RedisServer, transactions: pd.DataFrame
+    tmp_path: Path, redis_server: RedisServer, store_history: pd.DataFrame
 ) -> None:
     settings = store_settings(tmp_path, redis_server)
-    load(settings, transactions)
+    load(settings, store_history)
 
     async def scenario() -> dict[str, object]:
         seen: dict[str, object] = {}
@@ -112,7 +94,7 @@ def test_restart_empty_is_features_lost_down_is_features_unavailable_and_reloadi
                 seen["empty_health"] = await status()
                 seen["empty"] = await decide("empty")
 
-                await asyncio.to_thread(load, settings, transactions)  # `fraudscore features materialize`
+                await asyncio.to_thread(load, settings, store_history)  # `fraudscore features materialize`
                 seen["serving_after_s"] = await until(SERVING)
                 seen["reloaded"] = await decide("reloaded")
         return seen
@@ -143,14 +125,14 @@ def test_restart_empty_is_features_lost_down_is_features_unavailable_and_reloadi
 
 
 def test_first_request_after_start_is_answered_by_the_model_within_5_ms(
-    tmp_path: Path, redis_server: RedisServer, transactions: pd.DataFrame
+    tmp_path: Path, redis_server: RedisServer, store_history: pd.DataFrame
 ) -> None:
     """``build_engine`` readies every executor's connection, script and read path, then the model."""
     from workers.app import build_engine
 
     settings = store_settings(tmp_path, redis_server)
     settings = settings.model_copy(update={"feast": settings.feast.model_copy(update={"reader": "lean"})})
-    load(settings, transactions)
+    load(settings, store_history)
     previous_sighup = signal.getsignal(signal.SIGHUP)
     engine = build_engine(settings, executors=1)
     try:
