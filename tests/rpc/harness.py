@@ -4,8 +4,11 @@ feature readers that can be slowed down, and a real server on a free loopback po
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -86,3 +89,15 @@ def request(request_id: str, budget_ms: float = 0, **txn_fields) -> fraud_pb2.Sc
     return fraud_pb2.ScoreRequest(
         request_id=request_id, transaction=transaction(**txn_fields), budget_us=int(budget_ms * 1000)
     )
+
+
+def rest_post(port: int, body: dict) -> tuple[int, dict]:
+    """POST /v1/score with a JSON body: (HTTP status, decoded answer), errors included."""
+    http = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/score", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(http, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import socket
 import urllib.request
 
@@ -17,6 +16,7 @@ from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.rpc.harness import GATED_CUSTOMER, SLOW_CUSTOMER, SlowReader, request, service_settings, serving
+from tests.rpc.harness import rest_post as post_json
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
 pytestmark = pytest.mark.timeout(40)
@@ -79,20 +79,13 @@ class Received:
         )))  # fmt: skip
 
 
-def rest_post(port: int, req: fraud_pb2.ScoreRequest) -> tuple[int, dict]:
+def rest_post_proto(port: int, req: fraud_pb2.ScoreRequest) -> tuple[int, dict]:
     body = {
         "request_id": req.request_id,
         "transaction": {field.name: value for field, value in req.transaction.ListFields()},
         "budget_us": req.budget_us,
     }
-    http = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/score", json.dumps(body).encode(), {"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(http, timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+    return post_json(port, body)
 
 
 def test_counters_equal_the_answers_callers_received(tmp_path, metrics_port):
@@ -132,7 +125,7 @@ def test_counters_equal_the_answers_callers_received(tmp_path, metrics_port):
                 request("r1", amount=-3.0),
                 request("r2", budget_ms=TINY_BUDGET_MS),
             ):
-                got.add_rest(*await asyncio.to_thread(rest_post, rest, req))
+                got.add_rest(*await asyncio.to_thread(rest_post_proto, rest, req))
 
             # Shed at arrival (OVERLOADED): one gated request in flight, the bound set to it.
             await call.write(request("held", customer_id=GATED_CUSTOMER, budget_ms=5000).SerializeToString())
@@ -148,7 +141,7 @@ def test_counters_equal_the_answers_callers_received(tmp_path, metrics_port):
             await call.write(request("held", budget_ms=2000).SerializeToString())  # a repeat: an error
             got.add(await call.read())
             got.add(await call.read())
-            got.add_rest(*await asyncio.to_thread(rest_post, rest, request("shed-rest", budget_ms=2000)))
+            got.add_rest(*await asyncio.to_thread(rest_post_proto, rest, request("shed-rest", budget_ms=2000)))
             service.dispatcher.admission.max_in_flight = 512
             reader.gate.set()
             got.add(await call.read())  # "held", decided

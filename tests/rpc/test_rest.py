@@ -13,21 +13,10 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from tests.rpc.harness import SlowReader, request, service_settings, serving
+from tests.rpc.harness import SlowReader, request, rest_post, service_settings, serving
 from workers.proto.fraud.v1 import fraud_pb2_grpc
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def post(port: int, body: dict) -> tuple[int, dict]:
-    http = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/score", json.dumps(body).encode(), {"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(http, timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
 
 
 def get_json(port: int, path: str) -> dict:
@@ -49,7 +38,7 @@ def scenario(tmp_path, grpc_requests, rest_bodies):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
                 stub = fraud_pb2_grpc.FraudScoringStub(ch)
                 via_grpc = [await stub.Score(r) for r in grpc_requests]
-            via_rest = [await asyncio.to_thread(post, service.rest_port, b) for b in rest_bodies]
+            via_rest = [await asyncio.to_thread(rest_post, service.rest_port, b) for b in rest_bodies]
             spec = await asyncio.to_thread(get_json, service.rest_port, "/openapi.json")
             return via_grpc, via_rest, spec
 
