@@ -1,24 +1,24 @@
 """Reading many Feast hashes in one server-side step: the online read's hot path.
 
-Profiling the pipelined ``HMGET`` read (1024 rows -> ~1,900 hashes) showed ~15 ms per
-batch, almost all of it redis-py's per-command Python work (pack, execute, parse) plus one
-protobuf decode per value; Redis itself spent ~1 ms. This script runs the same ``HMGET``s
-inside Redis and returns every value in one fixed-width blob that numpy decodes at once:
-~5 ms per batch, most of it Redis executing the script.
+Each entity's state is one Feast ``Bytes`` feature (``history.py``: a packed array of a
+customer's recent events, or of a terminal's day tiles), so a read fetches one value per
+entity, of variable length: ~1.5 KB for a typical customer (60 events), up to ~100 KB for
+one at the retention cap, under 1 KB for any terminal. This script runs the ``HGET``s inside
+Redis and answers with two blobs: every value that exists, concatenated, and a little-endian
+int32 length per hash (-1 for a missing one), which numpy turns into offsets at once. A
+plain reply of one bulk string per hash would cost redis-py a parse per value instead.
 
-Feast stores a Float32 feature as a serialized ``ValueProto``: one tag byte (0x35) and
-four little-endian float bytes, always five bytes. The script copies such values as they
-are and writes five zero bytes for a missing or null value. A value of any other size (a
-type this reader does not expect) is returned beside the blob with its position, so the
-caller can decode it the slow, exact way instead of guessing.
+Redis's Lua is 5.1: no ``string.pack``; the ``struct`` library Redis bundles packs the
+lengths. The values are Feast's serialized ``ValueProto``s, returned as they are: decoding
+them (``values.py``) happens in numpy, where a corrupt one can fail its own row alone.
 
 Each call also answers whether the project's watermark exists (``watermark.py``), in the
 same atomic step as its values: an empty store and a store of unknown customers look alike
 otherwise, and asking separately would cost a second round trip per batch.
 
-Each script call touches up to ``KEYS_PER_CALL`` hashes, so one call blocks Redis for a
-couple of milliseconds at most; a batch needs a few calls, sent in one pipeline round trip.
-Redis Cluster refuses multi-key scripts across slots: callers fall back to the pipeline.
+Each call touches up to ``KEYS_PER_CALL`` hashes, so one call blocks Redis for a couple of
+milliseconds at most; a batch needs a few calls, sent in one pipeline round trip. Redis
+Cluster refuses multi-key scripts across slots: callers fall back to the pipeline.
 """
 
 from __future__ import annotations
@@ -28,39 +28,26 @@ from collections.abc import Sequence
 import numpy as np
 
 KEYS_PER_CALL = 512
-VALUE_WIDTH = 5
-FLOAT32_TAG = 0x35  # ValueProto field 6 (float_val), wire type 5 (fixed32)
+MISSING = -1  # the length a hash without the field (or no hash at all) is reported with
 
-# KEYS[1]: the watermark; KEYS[2..]: the hashes. ARGV[1]: how many hashes take the first
-# field list; ARGV[2], ARGV[3]: the sizes of the first and second field lists; then the two
-# field lists. Reply: {values blob, odd values, 1 if the watermark exists else 0}.
-READ_FIXED_WIDTH = """
+# KEYS[1]: the watermark; KEYS[2..]: the hashes. ARGV[1]: how many hashes read field ARGV[2]
+# (the customers, first); the others read field ARGV[3].
+# Reply: {int32 lengths blob, values blob, 1 if the watermark exists else 0}.
+READ_VALUES = """
 local n_first = tonumber(ARGV[1])
-local n_first_fields = tonumber(ARGV[2])
-local n_second_fields = tonumber(ARGV[3])
-local first_fields = {unpack(ARGV, 4, 3 + n_first_fields)}
-local second_fields = {unpack(ARGV, 4 + n_first_fields, 3 + n_first_fields + n_second_fields)}
-local width = 5
-local blank = string.rep('\\0', width)
 local loaded = redis.call('EXISTS', KEYS[1])
-local parts, odd = {}, {}
+local lengths, values = {}, {}
 for i = 2, #KEYS do
-  local fields = (i - 1 <= n_first) and first_fields or second_fields
-  local values = redis.call('HMGET', KEYS[i], unpack(fields))
-  for j = 1, #values do
-    local v = values[j]
-    if v and #v == width then
-      parts[#parts + 1] = v
-    else
-      parts[#parts + 1] = blank
-      if v and #v > 0 then
-        odd[#odd + 1] = #parts - 1
-        odd[#odd + 1] = v
-      end
-    end
+  local field = (i - 1 <= n_first) and ARGV[2] or ARGV[3]
+  local v = redis.call('HGET', KEYS[i], field)
+  if v then
+    lengths[i - 1] = struct.pack('<i4', #v)
+    values[#values + 1] = v
+  else
+    lengths[i - 1] = struct.pack('<i4', -1)
   end
 end
-return {table.concat(parts), odd, loaded}
+return {table.concat(lengths), table.concat(values), loaded}
 """
 
 
@@ -68,40 +55,28 @@ def script_sha() -> str:
     """The SHA1 Redis knows the script by (EVALSHA), computed locally: no round trip."""
     import hashlib
 
-    return hashlib.sha1(READ_FIXED_WIDTH.encode()).hexdigest()
+    return hashlib.sha1(READ_VALUES.encode()).hexdigest()
 
 
-_VALUE_DTYPE = np.dtype([("tag", "u1"), ("value", "<f4")])
+class RawValues:
+    """The values of one read, keys in order: ``lengths`` (int64, ``MISSING`` for none) and
+    ``blob``, the existing values back to back."""
 
+    __slots__ = ("blob", "lengths")
 
-class FixedWidthReply:
-    """Values of a script read, flat: keys in order, each key's fields in order.
+    def __init__(self, lengths: np.ndarray, blob: bytes) -> None:
+        self.lengths = lengths
+        self.blob = blob
 
-    ``values``/``present`` hold the Float32 cells; ``odd`` maps every other non-empty value
-    (another size, or five bytes of another type, e.g. an int32 varint) to its raw
-    ValueProto bytes, for the caller to decode exactly.
-    """
-
-    def __init__(self, blobs: Sequence[bytes], odd: dict[int, bytes]) -> None:
-        raw = b"".join(blobs)
-        cells = np.frombuffer(raw, dtype=_VALUE_DTYPE)
-        tags = cells["tag"]
-        self.present = tags == FLOAT32_TAG
-        self.values = cells["value"].astype(np.float32)  # a copy, and aligned
-        self.odd = odd
-        if self.present.all():  # the common case: every cell a Float32, nothing else to look at
-            return
-        self.values[~self.present] = 0.0
-        other_type = np.flatnonzero((tags != 0) & ~self.present).tolist()
-        self.odd = {**odd, **{i: raw[i * VALUE_WIDTH : (i + 1) * VALUE_WIDTH] for i in other_type}}
+    @classmethod
+    def of(cls, values: Sequence[bytes | None]) -> RawValues:
+        """From one value (or None) per key, as a pipeline of ``HGET``s answers."""
+        lengths = np.fromiter((MISSING if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
+        return cls(lengths, b"".join(v for v in values if v is not None))
 
 
 def script_calls(
-    keys: Sequence[bytes],
-    n_first: int,
-    first_fields: Sequence[bytes],
-    second_fields: Sequence[bytes],
-    watermark_key: bytes,
+    keys: Sequence[bytes], n_first: int, first_field: bytes, second_field: bytes, watermark_key: bytes
 ) -> list[tuple[list[bytes], list]]:
     """Splits one read into script calls of at most KEYS_PER_CALL hashes: (keys, argv) each,
     every call's keys led by the watermark."""
@@ -109,8 +84,7 @@ def script_calls(
     for start in range(0, len(keys), KEYS_PER_CALL):
         chunk = list(keys[start : start + KEYS_PER_CALL])
         first_here = max(0, min(n_first - start, len(chunk)))
-        argv = [first_here, len(first_fields), len(second_fields), *first_fields, *second_fields]
-        calls.append(([watermark_key, *chunk], argv))
+        calls.append(([watermark_key, *chunk], [first_here, first_field, second_field]))
     return calls
 
 
@@ -119,15 +93,10 @@ def watermark_seen(replies: Sequence[list]) -> bool:
     return all(reply[2] == 1 for reply in replies)
 
 
-def merge_replies(
-    replies: Sequence[list], calls: Sequence[tuple[list[bytes], list]], n_first_fields: int, n_second_fields: int
-) -> FixedWidthReply:
-    """Joins the per-call replies into one FixedWidthReply with global positions."""
-    blobs, odd, offset = [], {}, 0
-    for (blob, odd_flat, _), (call_keys, argv) in zip(replies, calls):
-        blobs.append(blob)
-        for i in range(0, len(odd_flat), 2):
-            odd[offset + int(odd_flat[i])] = odd_flat[i + 1]
-        first_here, n_hashes = argv[0], len(call_keys) - 1  # the first key is the watermark
-        offset += first_here * n_first_fields + (n_hashes - first_here) * n_second_fields
-    return FixedWidthReply(blobs, odd)
+def merge_replies(replies: Sequence[list]) -> RawValues:
+    """Joins the per-call replies into one ``RawValues``."""
+    if len(replies) == 1:
+        ((lengths, blob, _),) = replies
+        return RawValues(np.frombuffer(lengths, dtype="<i4").astype(np.int64), blob)
+    lengths = np.frombuffer(b"".join(reply[0] for reply in replies), dtype="<i4").astype(np.int64)
+    return RawValues(lengths, b"".join(reply[1] for reply in replies))
