@@ -69,10 +69,11 @@ def test_lean_decoding_of_bytes_values_equals_the_sdk_paths(payloads: list[bytes
     sdk = states_of(payloads, dtype)
     assert lean.found.tolist() == sdk.found.tolist() == [p is not None for p in payloads]
     assert lean.unreadable.tolist() == sdk.unreadable.tolist()
-    for a, b, payload in zip(lean.arrays, sdk.arrays, payloads):
-        assert a.dtype == b.dtype == dtype and a.tobytes() == b.tobytes()
+    assert lean.counts.tolist() == sdk.counts.tolist()
+    assert lean.records.dtype == sdk.records.dtype == dtype and lean.records.tobytes() == sdk.records.tobytes()
+    for position, payload in enumerate(payloads):
         if payload is not None and len(payload) % dtype.itemsize == 0:
-            assert a.tobytes() == payload
+            assert lean.of(position).tobytes() == payload
 
 
 @PURE
@@ -80,9 +81,10 @@ def test_lean_decoding_of_bytes_values_equals_the_sdk_paths(payloads: list[bytes
 def test_arbitrary_stored_bytes_decode_without_raising(values: list[bytes | None]) -> None:
     dtype = h.TERMINAL_TILE_DTYPE
     states = decode_bytes_values(RawValues.of(values), dtype)
-    assert len(states.arrays) == len(values)
-    for value, array, found, unreadable in zip(values, states.arrays, states.found, states.unreadable):
+    assert len(states.counts) == len(values) and states.counts.sum() == len(states.records)
+    for position, (value, found, unreadable) in enumerate(zip(values, states.found, states.unreadable)):
         assert found == bool(value)
+        array = states.of(position)
         if found and not unreadable:  # a readable value is exactly a Bytes header and whole records
             assert value.endswith(array.tobytes()) and value[0] == 0x0A
         else:

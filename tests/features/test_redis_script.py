@@ -85,7 +85,7 @@ def test_script_and_pipeline_agree_on_every_kind_of_stored_value(reader: LeanRed
     by_pipeline = reader._fetch_by_pipeline(keys, len(customers))
     assert by_script.lengths.tolist() == by_pipeline.lengths.tolist()
     assert by_script.blob == by_pipeline.blob
-    expected_lengths = [len(STORED[c]) for c in STORED] + [-1, -1] + [len(v) for v in TERMINALS.values()] + [-1]
+    expected_lengths = [len(STORED[c]) for c in STORED] + [0, 0] + [len(v) for v in TERMINALS.values()] + [0]
     assert by_script.lengths.tolist() == expected_lengths
 
     n = len(customers)
