@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from workers.features import definitions as d
 from workers.features import history as h
-from workers.features.online import _features_at, decode_bytes_values, states_of
+from workers.features.online import _decode_few, _decode_many, _features_at, decode_bytes_values, states_of
 from workers.features.redis_script import RawValues
 from workers.records import EVENT_TIME_MAX_US, EVENT_TIME_MIN_US
 
@@ -89,6 +89,17 @@ def test_arbitrary_stored_bytes_decode_without_raising(values: list[bytes | None
             assert value.endswith(array.tobytes()) and value[0] == 0x0A
         else:
             assert len(array) == 0
+
+
+@PURE
+@given(
+    st.lists(st.one_of(st.none(), _event_values.filter(lambda v: v is not None), st.binary(max_size=40)), max_size=12)
+)
+def test_the_small_batch_decoder_equals_the_vectorised_one(values: list[bytes | None]) -> None:
+    raw = RawValues.of(values)
+    few, many = _decode_few(raw, h.CUSTOMER_EVENT_DTYPE), _decode_many(raw, h.CUSTOMER_EVENT_DTYPE)
+    assert few.counts.tolist() == many.counts.tolist() and few.records.tobytes() == many.records.tobytes()
+    assert few.found.tolist() == many.found.tolist() and few.unreadable.tolist() == many.unreadable.tolist()
 
 
 @PURE

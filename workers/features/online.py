@@ -107,12 +107,21 @@ _BYTES_VAL_TAG = 0x0A  # ValueProto field 1 (bytes_val), wire type 2 (length-del
 _MAX_VARINT_BYTES = 5  # a length below 2**35: far above any value Redis would hand back
 
 
+# Up to this many values a Python loop decodes the headers faster than numpy's ~25 calls
+# (~5 us a value against ~50 us for any number; most gRPC batches are 1-4 rows).
+_FEW_VALUES = 8
+
+
 def decode_bytes_values(raw: redis_script.RawValues, dtype: np.dtype) -> States:
     """Serialized ``ValueProto``s of one entity kind -> ``States``, headers decoded vectorised.
 
     A ``Bytes`` value is ``0x0a``, its length as a varint, then the packed records. An empty
     value is a null ``Value`` (what Feast reads as None): not found, like a missing one.
     """
+    return (_decode_few if len(raw.lengths) <= _FEW_VALUES else _decode_many)(raw, dtype)
+
+
+def _decode_many(raw: redis_script.RawValues, dtype: np.dtype) -> States:
     lengths = raw.lengths
     starts = np.cumsum(lengths) - lengths
     found = lengths > 0
@@ -146,6 +155,40 @@ def decode_bytes_values(raw: redis_script.RawValues, dtype: np.dtype) -> States:
     nbytes = (counts * dtype.itemsize).tolist()
     payloads = b"".join([view[o : o + b] for o, b in zip(offsets.tolist(), nbytes) if b])
     return States(np.frombuffer(payloads, dtype=dtype), counts, found, found & ~readable)
+
+
+def _decode_few(raw: redis_script.RawValues, dtype: np.dtype) -> States:
+    """``_decode_many`` one value at a time (the fuzz tests hold the two equal)."""
+    view = memoryview(raw.blob)
+    payloads: list[memoryview] = []
+    counts: list[int] = []
+    unreadable: list[bool] = []
+    start = 0
+    for length in raw.lengths.tolist():
+        payload = _payload_of(view[start : start + length]) if length else None
+        start += length
+        if payload is not None and len(payload) % dtype.itemsize == 0:
+            payloads.append(payload)
+            counts.append(len(payload) // dtype.itemsize)
+            unreadable.append(False)
+        else:
+            counts.append(0)
+            unreadable.append(length > 0)
+    records = np.frombuffer(b"".join(payloads), dtype=dtype)
+    return States(records, np.array(counts, dtype=np.int64), raw.lengths > 0, np.array(unreadable, dtype=bool))
+
+
+def _payload_of(value: memoryview) -> memoryview | None:
+    """The packed records of one serialized ``Bytes`` ``ValueProto``; None if it is not one."""
+    if value[0] != _BYTES_VAL_TAG:
+        return None
+    length = 0
+    for k in range(1, min(_MAX_VARINT_BYTES, len(value) - 1) + 1):
+        byte = value[k]
+        length |= (byte & 0x7F) << (7 * (k - 1))
+        if byte < 0x80:
+            return value[k + 1 :] if k + 1 + length == len(value) else None
+    return None
 
 
 def _features_at(
