@@ -11,6 +11,9 @@ event loop with ``call_soon_threadsafe``, or ``Producer.produce``), and must not
 Every read reports to ``engine.store`` (``store_health.py``): a store that does not answer
 gives FEATURES_UNAVAILABLE decisions, one that answers but has lost its data (no
 watermark) gives FEATURES_LOST ones, without features, since its "not found" is not news.
+The reader evaluates every window at each transaction's own event time; a row whose stored
+state it could not read (``EntityFeatures.unreadable``) is answered by the rules,
+FEATURES_UNAVAILABLE, and the rest of its batch is scored as usual.
 """
 
 from __future__ import annotations

