@@ -7,9 +7,14 @@
 A real Jaeger (scripts/tools.sh jaeger) receives the spans over OTLP, as in production.
 "On" is ``tracing.enabled`` with ``sample_ratio`` 0.01 (and degraded decisions kept).
 
-1. Kafka: the sustained drain of kafka_bench.py (N pre-loaded events, one worker), events/s.
+1. Kafka: the sustained drain of kafka_bench.py (N pre-loaded events, one worker), events/s,
+   and the worker's CPU per event (from /proc, between its assignment and its stop).
 2. gRPC: the service of grpc_bench.py at 1,000 and 2,000 req/s (open loop, 10 ms budgets),
-   p50/p99.
+   p50/p99, and the server processes' CPU per offered request.
+3. In-process: the CPU of the tracer's own steps (choosing for untraced rows, writing a trace).
+
+CPU per event is the steadier figure of what tracing costs: wall-clock rates and latencies
+move with whatever else the box runs, CPU per unit of work much less.
 
 The box is shared (broker, Redis, Jaeger, the load, and whatever else runs on it), and one
 run swings by more than the effect being measured. So runs come in pairs, off and on back
@@ -45,6 +50,8 @@ from tests.jaeger import Jaeger, running_jaeger
 RESULTS = ROOT / "bench" / "results"
 SAMPLE_RATIO = "0.01"
 GRPC_KEYS = ("p50_us", "p99_us")
+# Per run and rate, in the table of every run.
+GRPC_CELLS = (*GRPC_KEYS, "server_cpu_us_per_request")
 
 
 def tracing_env(on: bool, otlp_endpoint: str) -> dict[str, str]:
@@ -62,15 +69,74 @@ def use_ports(metrics_port: int) -> None:
     kafka_bench.scrape_stages = functools.partial(kafka_bench.scrape_stages, port=metrics_port)
 
 
-def kafka_drain(events: int, env: dict[str, str]) -> dict:
-    """One worker draining ``events`` pre-loaded ones (kafka_bench's method): events/s, degraded."""
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its descendants, from /proc.
+    What tracing costs is CPU; unlike wall-clock rates, CPU per event hardly moves with what
+    else the shared box runs."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        # After the command: state, ppid, ..., utime (14th field of the line) and stime (15th).
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(cpu.get(p, 0.0) for p in tree)
+
+
+def process_running(argument: str) -> int:
+    """The pid of a process whose command line holds ``argument`` (0: none)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and argument.encode() in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+        except OSError:
+            continue
+    return 0
+
+
+class WorkerCpu:
+    """The Kafka worker's CPU from assignment (start-up done) to stop, through kafka_bench's
+    start_worker / stop_worker (its run_load holds the process)."""
+
+    def __init__(self) -> None:
+        self.at_start = self.at_stop = 0.0
+        self._start, self._stop = kafka_bench.start_worker, kafka_bench.stop_worker
+        kafka_bench.start_worker, kafka_bench.stop_worker = self.start_worker, self.stop_worker
+
+    def start_worker(self, env, kafka, profile_to=None):
+        process = self._start(env, kafka, profile_to)
+        self.at_start = tree_cpu_s(process.pid)
+        return process
+
+    def stop_worker(self, process) -> None:
+        self.at_stop = tree_cpu_s(process.pid)
+        self._stop(process)
+
+
+def kafka_drain(events: int, env: dict[str, str], worker_cpu: WorkerCpu) -> dict:
+    """One worker draining ``events`` pre-loaded ones (kafka_bench's method): events/s,
+    degraded, the worker's CPU per event."""
     os.environ.update(env)  # kafka_bench's worker inherits this process's environment
     settings = kafka_bench.bench_settings(ROOT / ".stack" / "bench-feature-repo")
     result = kafka_bench.run_load(settings, rate=0, seconds=30, total=events, preload=True)
+    cpu_s = worker_cpu.at_stop - worker_cpu.at_start
     return {
         "events_per_s": float(result.get("throughput_events_per_s") or 0.0),
         "decided": result["decided"],
         "degraded": result["degraded"],
+        "worker_cpu_s": cpu_s,
+        "worker_cpu_us_per_event": cpu_s / result["decided"] * 1e6 if result["decided"] else float("nan"),
     }
 
 
@@ -79,7 +145,15 @@ def grpc_latency(binary: Path, args: argparse.Namespace, rates: list[int], env: 
     service = grpc_bench.start_service(args)
     try:
         grpc_bench.wait_serving(args.port, args.processes)
-        return [grpc_bench.measure(binary, args, rate, int(args.budget_ms * 1000)) for rate in rates]
+        rows = []
+        for rate in rates:
+            before = tree_cpu_s(service.pid)
+            row = grpc_bench.measure(binary, args, rate, int(args.budget_ms * 1000))
+            # Every request the point offered, its warm-up included: the same on both sides.
+            offered = rate * (args.duration + args.warmup)
+            row["server_cpu_us_per_request"] = (tree_cpu_s(service.pid) - before) / offered * 1e6
+            rows.append(row)
+        return rows
     finally:
         grpc_bench.stop(service)
 
@@ -139,20 +213,35 @@ def _cpu_ns(call, times: int) -> float:
     return (time.process_time_ns() - started) / times
 
 
-def measured_run(name: str, on: bool, jaeger: Jaeger, events: int, binary: Path, grpc_args, rates) -> dict:
+def measured_run(
+    name: str,
+    on: bool,
+    jaeger: Jaeger,
+    collector: int,
+    events: int,
+    binary: Path,
+    grpc_args,
+    rates,
+    worker_cpu: WorkerCpu,
+) -> dict:
+    """One off or on run. ``collector``: Jaeger's pid; it shares the box, so its CPU is
+    tracing's too, though not the worker's."""
     env = tracing_env(on, jaeger.otlp_endpoint)
+    collector_cpu_s = tree_cpu_s(collector) if collector else float("nan")
     run: dict = {"tracing": name, "loadavg_before": list(os.getloadavg())}
     print(f"tracing {name}: Kafka drain of {events} events ...", flush=True)
-    run["kafka"] = kafka_drain(events, env)
+    run["kafka"] = kafka_drain(events, env, worker_cpu)
     print(f"tracing {name}: gRPC at {rates} req/s ...", flush=True)
     run["grpc"] = grpc_latency(binary, grpc_args, rates, env)
     run["loadavg_after"] = list(os.getloadavg())
+    run["collector_cpu_s"] = (tree_cpu_s(collector) if collector else float("nan")) - collector_cpu_s
     print(json.dumps({"kafka": run["kafka"], "grpc": [_brief(r) for r in run["grpc"]]}), flush=True)
     return run
 
 
 def _brief(row: dict) -> dict:
-    return {k: row.get(k) for k in ("offered_rps", "achieved_rps", *GRPC_KEYS, "degraded_by_cause", "errors")}
+    keys = ("offered_rps", "achieved_rps", *GRPC_KEYS, "server_cpu_us_per_request", "degraded_by_cause", "errors")
+    return {k: row.get(k) for k in keys}
 
 
 def main() -> int:
@@ -170,6 +259,7 @@ def main() -> int:
     duration_s = args.duration or (4.0 if args.quick else 6.0)
     rates = [int(r) for r in args.rates.split(",")]
     use_ports(args.metrics_port)
+    worker_cpu = WorkerCpu()
     grpc_args = grpc_bench.parse_args(["--duration", str(duration_s), "--skip-echo", "--port", str(args.grpc_port)])
     from workers.settings import load_settings
 
@@ -190,10 +280,11 @@ def main() -> int:
     report["in_process"] = in_process_costs()
     print(f"in-process costs: {report['in_process']}", flush=True)
     with tempfile.TemporaryDirectory() as workdir, running_jaeger(Path(workdir)) as jaeger:
+        collector = process_running(str(Path(workdir) / "jaeger.yaml"))
         for pair in range(pairs):
             order = (("off", False), ("on", True)) if pair % 2 == 0 else (("on", True), ("off", False))
             for name, on in order:
-                run = measured_run(name, on, jaeger, events, binary, grpc_args, rates)
+                run = measured_run(name, on, jaeger, collector, events, binary, grpc_args, rates, worker_cpu)
                 run["pair"] = pair
                 report["runs"].append(run)
         report["jaeger_traces"] = {s: traces_in(jaeger, s) for s in ("fraudscore-worker", "fraudscore-grpc")}
@@ -205,10 +296,14 @@ def main() -> int:
 
 def _figures(run: dict) -> dict[str, float]:
     """The compared figures of one run, by name."""
-    figures = {"kafka events/s": run["kafka"]["events_per_s"]}
+    figures = {
+        "kafka events/s": run["kafka"]["events_per_s"],
+        "kafka worker CPU us/event": run["kafka"]["worker_cpu_us_per_event"],
+    }
     for row in run["grpc"]:
         for key in GRPC_KEYS:
             figures[f"gRPC {row['offered_rps']} req/s {key}"] = float(row[key])
+        figures[f"gRPC {row['offered_rps']} req/s server CPU us/request"] = row["server_cpu_us_per_request"]
     return figures
 
 
@@ -229,7 +324,7 @@ def summarise(report: dict) -> dict:
             "ratio_of_medians": _ratio(statistics.median(on), statistics.median(off)),
             "pair_ratios": [_ratio(b, a) for a, b in zip(off, on)],
             # Throughput: higher is better, so on/off >= 0.95 is within 5%; latency: on/off <= 1.05.
-            "higher_is_better": figure.startswith("kafka"),
+            "higher_is_better": figure.endswith("events/s"),
         }
     return summary
 
@@ -268,20 +363,20 @@ def write_report(report: dict) -> None:
     for figure, row in report["summary"].items():
         pair_ratios = ", ".join(f"{r:.3f}" for r in row["pair_ratios"])
         lines.append(
-            f"| {figure} | {row['off_median']:.0f} | {row['on_median']:.0f} | {row['ratio_of_medians']:.3f} | "
+            f"| {figure} | {row['off_median']:.1f} | {row['on_median']:.1f} | {row['ratio_of_medians']:.3f} | "
             f"{'yes' if _within_5_percent(row) else 'no'} | {pair_ratios} |"
         )
     lines += [
         "",
-        "Every run (load average before -> after; Kafka degraded = late in the drain's queue):",
+        "Every run (load average before -> after; degraded: any cause):",
         "",
-        "| pair | tracing | load | Kafka events/s | Kafka degraded | "
-        + " | ".join(f"gRPC {r} {k}" for r in report["rates"] for k in GRPC_KEYS)
+        "| pair | tracing | load | collector CPU s | Kafka events/s | Kafka CPU us/event | Kafka degraded | "
+        + " | ".join(f"gRPC {r} {k}" for r in report["rates"] for k in GRPC_CELLS)
         + " | gRPC degraded |",
-        "|---|---|---|---|---|" + "---|" * (len(report["rates"]) * len(GRPC_KEYS)) + "---|",
+        "|---|---|---|---|---|---|---|" + "---|" * (len(report["rates"]) * len(GRPC_CELLS)) + "---|",
     ]
     for run in report["runs"]:
-        grpc_cells = " | ".join(f"{row[k]:.0f}" for row in run["grpc"] for k in GRPC_KEYS)
+        grpc_cells = " | ".join(f"{row[k]:.0f}" for row in run["grpc"] for k in GRPC_CELLS)
         degraded = "; ".join(
             f"{row['offered_rps']}: "
             + (", ".join(f"{c} {n}" for c, n in sorted(row["degraded_by_cause"].items())) or "0")
@@ -289,7 +384,9 @@ def write_report(report: dict) -> None:
         )
         lines.append(
             f"| {run['pair']} | {run['tracing']} | {run['loadavg_before'][0]:.1f} -> {run['loadavg_after'][0]:.1f} | "
-            f"{run['kafka']['events_per_s']:.0f} | {run['kafka']['degraded']} | {grpc_cells} | {degraded} |"
+            f"{run['collector_cpu_s']:.1f} | "
+            f"{run['kafka']['events_per_s']:.0f} | {run['kafka']['worker_cpu_us_per_event']:.1f} | "
+            f"{run['kafka']['degraded']} | {grpc_cells} | {degraded} |"
         )
     (RESULTS / f"tracing-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
