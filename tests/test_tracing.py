@@ -1,4 +1,4 @@
-"""Traces of decisions, in-process (the real collector is in tests/kafka/test_tracing_jaeger.py):
+"""Traces of decisions, in-process (a real collector: tests/kafka/test_kafka_worker.py, tests/rpc/test_grpc_tracing.py):
 which transactions are traced, and the spans a traced decision gets."""
 
 from __future__ import annotations
