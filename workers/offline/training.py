@@ -48,6 +48,16 @@ class Protocol:
     delay_days: int = 7
     test_days: int = 7
 
+    @classmethod
+    def for_history(cls, start: date) -> Protocol:
+        """The Handbook's weeks at the same distance from ``start`` as from its 2018-04-01."""
+        from workers.offline.simulator import SimulatorConfig
+
+        return cls(train_start=start + (cls.train_start - SimulatorConfig.start_date))
+
+    def shifted(self, days: int) -> Protocol:
+        return Protocol(self.train_start + timedelta(days=days), self.train_days, self.delay_days, self.test_days)
+
     def day_index(self, day: date) -> int:
         return (day - date(1970, 1, 1)).days
 
@@ -151,17 +161,25 @@ def _operating_point(y: np.ndarray, scores: np.ndarray, threshold: float) -> dic
 # --- models ---------------------------------------------------------------------------
 
 
-def train_lgbm(x: np.ndarray, y: np.ndarray, seed: int):
+# LightGBM's hyper-parameters. Chosen on validation weeks that end with the training week
+# (``validation_protocols``, ``tune_lgbm``), never on the test week: bench/model_eval.py
+# reruns the search and writes every trial to bench/results/model-*.
+LGBM_PARAMS: dict[str, Any] = {
+    "n_estimators": 300,
+    "learning_rate": 0.05,
+    "num_leaves": 15,
+    "min_child_samples": 20,
+    "subsample": 0.8,
+    "subsample_freq": 1,
+    "colsample_bytree": 0.8,
+}
+
+
+def train_lgbm(x: np.ndarray, y: np.ndarray, seed: int, params: dict[str, Any] | None = None):
     import lightgbm as lgb
 
     model = lgb.LGBMClassifier(
-        n_estimators=300,
-        learning_rate=0.05,
-        num_leaves=15,
-        min_child_samples=20,
-        subsample=0.8,
-        subsample_freq=1,
-        colsample_bytree=0.8,
+        **(LGBM_PARAMS | (params or {})),
         random_state=seed,
         deterministic=True,
         force_row_wise=True,
@@ -193,6 +211,112 @@ def train_mlp(x: np.ndarray, y: np.ndarray, seed: int):
 
 def native_scores(model, x: np.ndarray) -> np.ndarray:
     return model.predict_proba(x)[:, 1]
+
+
+def train_model(name: str, x: np.ndarray, y: np.ndarray, seed: int, params: dict[str, Any] | None = None):
+    if name == "lgbm":
+        return train_lgbm(x, y, seed, params)
+    if name == "mlp":
+        return train_mlp(x, y, seed)
+    raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+
+
+# --- model selection without the test week ---------------------------------------------
+
+
+def validation_protocols(protocol: Protocol, folds: int = 3) -> list[Protocol]:
+    """The Handbook's validation (its chapter 5): the same train / delay / test layout moved
+    back so that each validation week ends on or before the last training day, one week
+    apart. Nothing from the delay or test weeks is seen (labels of the training week are)."""
+    back = protocol.delay_days + protocol.test_days
+    return [protocol.shifted(-back - 7 * k) for k in range(folds)]
+
+
+def validation_metrics(
+    data: Dataset, protocol: Protocol, name: str, seed: int, params: dict[str, Any] | None = None, folds: int = 3
+) -> dict[str, Any]:
+    """Test metrics on each validation fold and their mean."""
+    per_fold = []
+    y = data.transactions["is_fraud"].to_numpy()
+    for fold in validation_protocols(protocol, folds):
+        split = handbook_split(data.transactions, fold)
+        model = train_model(name, data.matrix[split.train], y[split.train], seed, params)
+        per_fold.append(metrics(data.transactions.iloc[split.test], native_scores(model, data.matrix[split.test])))
+    mean = {k: round(float(np.mean([m[k] for m in per_fold])), 4) for k in per_fold[0]}
+    return {"folds": per_fold, "mean": mean}
+
+
+def tune_lgbm(
+    data: Dataset, protocol: Protocol, grid: list[dict[str, Any]], seed: int, folds: int = 3
+) -> list[dict[str, Any]]:
+    """Every candidate's validation metrics, best first (mean average precision, then mean
+    card precision@100). Candidates override ``LGBM_PARAMS``."""
+    trials = []
+    for params in grid:
+        started = time.perf_counter()
+        result = validation_metrics(data, protocol, "lgbm", seed, params, folds)
+        trials.append({"params": params, **result, "seconds": round(time.perf_counter() - started, 1)})
+    return sorted(trials, key=lambda t: (-t["mean"]["average_precision"], -t["mean"]["card_precision_at_100"]))
+
+
+# --- card testing (scenario 4) ----------------------------------------------------------
+
+
+def burst_recall(
+    test_frame: pd.DataFrame, scores: np.ndarray, thresholds: dict[str, float], scenario: int = 4
+) -> dict[str, Any]:
+    """How much of the test week's card-testing bursts a model stops at its thresholds.
+
+    Per threshold: recall over the burst transactions, the share of bursts with at least one
+    transaction at or above it, and the median 1-based position in its burst of the first
+    such transaction (how many purchases the fraudster gets before the card is stopped)."""
+    in_burst = test_frame["fraud_scenario"].to_numpy() == scenario
+    frame = pd.DataFrame(
+        {
+            "burst": test_frame["customer_id"].to_numpy()[in_burst] * 100_000
+            + test_frame["event_time_us"].to_numpy()[in_burst] // US_PER_DAY,
+            "score": scores[in_burst],
+        }
+    )
+    frame["position"] = frame.groupby("burst").cumcount() + 1
+    report: dict[str, Any] = {
+        "burst_transactions": int(in_burst.sum()),
+        "bursts": int(frame["burst"].nunique()),
+    }
+    for level, threshold in thresholds.items():
+        hit = frame[frame["score"] >= threshold]
+        first = hit.groupby("burst")["position"].min()
+        report[level] = {
+            "threshold": round(float(threshold), 6),
+            "recall": round(float((frame["score"] >= threshold).mean()) if len(frame) else 0.0, 4),
+            "bursts_caught": round(len(first) / max(report["bursts"], 1), 4),
+            "median_first_position": float(first.median()) if len(first) else None,
+        }
+    return report
+
+
+def burst_evaluation(
+    data: Dataset, name: str, seed: int, columns: list[int] | None = None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Trains ``name`` on the split's training week (optionally on a subset of the feature
+    columns), picks its thresholds on the test week as the exported models do, and reports
+    its metrics and its recall on the test week's bursts."""
+    keep = slice(None) if columns is None else columns
+    y = data.transactions["is_fraud"].to_numpy()
+    x_train, x_test = data.matrix[data.split.train][:, keep], data.matrix[data.split.test][:, keep]
+    model = train_model(name, x_train, y[data.split.train], seed, params)
+    scores = native_scores(model, x_test)
+    test_frame = data.transactions.iloc[data.split.test]
+    threshold_info = suggest_thresholds(y[data.split.test], scores)
+    return {
+        "model": name,
+        "features": [d.FEATURE_NAMES[i] for i in range(d.N_FEATURES)]
+        if columns is None
+        else [d.FEATURE_NAMES[i] for i in columns],
+        "metrics": metrics(test_frame, scores),
+        "thresholds": threshold_info["thresholds"],
+        "bursts": burst_recall(test_frame, scores, threshold_info["thresholds"]),
+    }
 
 
 # --- ONNX export ----------------------------------------------------------------------
@@ -371,6 +495,7 @@ class TrainConfig:
     models: tuple[str, ...] = MODEL_NAMES
     out_dir: Path = Path("models")
     protocol: Protocol = field(default_factory=Protocol)
+    card_testing: bool = False  # the data had scenario 4 (recorded in the card and its regenerate command)
 
 
 @dataclass
@@ -404,7 +529,7 @@ def _train_one(name: str, data: Dataset, config: TrainConfig) -> dict[str, Any]:
     test_frame = data.transactions.iloc[test_rows]
 
     started = time.perf_counter()
-    model = train_lgbm(x_train, y_train, config.seed) if name == "lgbm" else train_mlp(x_train, y_train, config.seed)
+    model = train_model(name, x_train, y_train, config.seed)
     train_s = time.perf_counter() - started
     native = native_scores(model, x_test)
     threshold_info = suggest_thresholds(test_frame["is_fraud"].to_numpy(), native)
@@ -455,10 +580,12 @@ def _card(name, config, data, model, native, exported, threshold_info, path, tra
         "test_rows": len(test_frame),
         "test_frauds": int(test_frame["is_fraud"].sum()),
         "seed": config.seed,
+        "card_testing": config.card_testing,
         "hyperparameters": _hyperparameters(model),
         "train_seconds": round(train_s, 2),
         "library_versions": _library_versions(),
-        "regenerate": f"fraudscore train --seed {config.seed} --version {config.version}",
+        "regenerate": f"fraudscore train --seed {config.seed} --version {config.version}"
+        + (" --card-testing" if config.card_testing else ""),
     }
 
 
@@ -491,7 +618,8 @@ def _card_markdown(card: dict[str, Any]) -> str:
 `{card["file"]}` ({card["size_bytes"] / 1e6:.2f} MB), input `{card["interface"]["input"]}`, output
 `{card["interface"]["output"]}`. GPU-clean (default ONNX domain only): {card["gpu_clean"]}.
 
-- Data: simulated transactions {w["dataset"][0]} .. {w["dataset"][1]} (seed {card["seed"]});
+- Data: simulated transactions {w["dataset"][0]} .. {w["dataset"][1]} (seed {card["seed"]}, card-testing
+  scenario {"on" if card["card_testing"] else "off"});
   train {w["train"][0]} .. {w["train"][1]} ({card["training_rows"]} rows, {card["training_frauds"]} frauds),
   {w["delay_days"]}-day delay, test {w["test"][0]} .. {w["test"][1]} ({card["test_rows"]} rows, known-compromised cards removed).
 - Test metrics: AUC ROC {m["auc_roc"]}, average precision {m["average_precision"]},
