@@ -15,6 +15,7 @@ import msgspec
 # Event times are integer microseconds since the Unix epoch (UTC) everywhere.
 US_PER_SECOND = 1_000_000
 SECONDS_PER_DAY = 86_400
+US_PER_MINUTE = 60 * US_PER_SECOND
 US_PER_HOUR = 3_600 * US_PER_SECOND
 US_PER_DAY = SECONDS_PER_DAY * US_PER_SECOND
 

@@ -81,4 +81,4 @@ def store_settings(tmp_path: Path, server: RedisServer) -> Settings:
 def load(settings: Settings, transactions: pd.DataFrame) -> None:
     from workers.features.store import load_online
 
-    load_online(settings, transactions, last_days=3)
+    load_online(settings, transactions)

@@ -66,7 +66,7 @@ def test_terminal_windows_end_a_label_delay_before(tiny: pd.DataFrame) -> None:
     m = offline.transaction_features(tiny).matrix
     # Within the first week the terminal's delayed windows are empty.
     assert (m[:3, col("terminal_nb_tx_30d")] == 0).all()
-    # Day 9 10:00: windows end day 2 10:00; 1 day = [day1 10:00, day2 10:00) holds the day-1 transaction.
+    # Day 9 10:00: windows are whole days ending at day 2 00:00; 1 day = [day 1, day 2) holds the day-1 transaction.
     assert m[3, col("terminal_nb_tx_1d")] == 1 and m[3, col("terminal_risk_1d")] == 0
     assert m[3, col("terminal_nb_tx_7d")] == 3
     assert m[3, col("terminal_risk_7d")] == pytest.approx(1 / 3)
@@ -80,32 +80,52 @@ def test_request_features_weekend_and_night(tiny: pd.DataFrame) -> None:
     assert m[:, col("tx_amount")].tolist() == [10, 20, 30, 40, 5]
 
 
-def test_snapshot_is_what_a_reader_sees_at_midnight(tiny: pd.DataFrame) -> None:
-    times = offline.snapshot_times(tiny)
-    customers = offline.customer_snapshots(tiny, times)
-    row = customers[
-        (customers["customer_id"] == 1)
-        & (customers["event_timestamp"] == pd.Timestamp(DAY0 + DAY, unit="us", tz="UTC"))
-    ]
-    assert row[["customer_nb_tx_1d", "customer_avg_amount_1d"]].to_numpy().tolist() == [[2, 15]]
-    terminals = offline.terminal_snapshots(tiny, times)
-    assert list(terminals.columns) == ["event_timestamp", "terminal_id", *d.TERMINAL_FEATURES]
-    last = terminals[
-        (terminals["terminal_id"] == 7) & (terminals["event_timestamp"] == terminals["event_timestamp"].max())
-    ]
-    # Last midnight is day 10: delayed 7-day window [day -4, day 3) holds the first three.
-    assert last["terminal_nb_tx_7d"].item() == 3 and last["terminal_risk_7d"].item() == pytest.approx(1 / 3)
+def test_velocity_features_over_the_last_minutes() -> None:
+    minute = 60_000_000
+    t0 = DAY0 + 10 * HOUR
+    frame = pd.DataFrame(
+        {
+            "customer_id": [1] * 5,
+            "terminal_id": [7, 8, 8, 9, 7],
+            "amount": [1.0, 2.0, 3.5, 100.0, 5.0],
+            "event_time_us": [t0, t0 + 2 * minute, t0 + 5 * minute, t0 + 30 * minute, t0 + 70 * minute],
+            "is_fraud": [0] * 5,
+        }
+    )
+    m = offline.transaction_features(frame).matrix
+    assert m[0, col("customer_seconds_since_prev")] == d.SECONDS_SINCE_PREV_CAP_DAYS * 86_400
+    assert m[0, col("customer_nb_tx_10min")] == 0 and m[0, col("customer_nb_terminals_1h")] == 0
+    # Third (t0 + 5 min): both earlier ones in the last 10 minutes, at two terminals.
+    assert m[2, col("customer_nb_tx_10min")] == 2 and m[2, col("customer_amount_10min")] == 3.0
+    assert m[2, col("customer_seconds_since_prev")] == 180 and m[2, col("customer_nb_terminals_1h")] == 2
+    # Fourth (t0 + 30 min): nothing in 10 minutes; the hour holds 3 at terminals 7 and 8.
+    assert m[3, col("customer_nb_tx_10min")] == 0 and m[3, col("customer_nb_tx_1h")] == 3
+    assert m[3, col("customer_amount_1h")] == 6.5 and m[3, col("customer_nb_terminals_1h")] == 2
+    # Fifth (t0 + 70 min): the hour [t0 + 10 min, t0 + 70 min) holds only the 100 at terminal 9.
+    assert m[4, col("customer_nb_tx_1h")] == 1 and m[4, col("customer_amount_1h")] == 100.0
+    assert m[4, col("customer_nb_terminals_1h")] == 1 and m[4, col("customer_seconds_since_prev")] == 2_400
 
 
 def _brute_force(frame: pd.DataFrame, i: int) -> list[float]:
     t = frame["event_time_us"].iat[i]
     same_customer = frame[frame["customer_id"] == frame["customer_id"].iat[i]]
     same_terminal = frame[frame["terminal_id"] == frame["terminal_id"].iat[i]]
+
+    def before(start: int) -> pd.DataFrame:
+        times = same_customer["event_time_us"]
+        return same_customer[(times >= start) & (times < t)]
+
     out = []
     for days in d.WINDOWS_DAYS:
-        w = same_customer[(same_customer["event_time_us"] >= t - days * DAY) & (same_customer["event_time_us"] < t)]
+        w = before(t - days * DAY)
         out += [len(w), w["amount"].mean() if len(w) else 0.0]
-    end = t - d.TERMINAL_LABEL_DELAY_DAYS * DAY
+    for _, length in d.VELOCITY_WINDOWS:
+        w = before(t - length)
+        out += [len(w), w["amount"].sum()]
+    month = before(t - d.SECONDS_SINCE_PREV_CAP_DAYS * DAY)
+    out.append((t - month["event_time_us"].max()) / 1e6 if len(month) else d.SECONDS_SINCE_PREV_CAP_DAYS * 86_400)
+    out.append(before(t - HOUR)["terminal_id"].nunique())
+    end = (t // DAY - d.TERMINAL_LABEL_DELAY_DAYS) * DAY
     for days in d.WINDOWS_DAYS:
         w = same_terminal[(same_terminal["event_time_us"] >= end - days * DAY) & (same_terminal["event_time_us"] < end)]
         out += [len(w), w["is_fraud"].mean() if len(w) else 0.0]
@@ -120,17 +140,3 @@ def test_matches_a_brute_force_reference_on_simulated_data() -> None:
     expected = np.array([_brute_force(frame, i) for i in rows], dtype=np.float32)
     np.testing.assert_allclose(entity[rows], expected, rtol=1e-5, atol=1e-5)
     assert features.matrix.shape == (len(frame), d.N_FEATURES) and features.matrix.dtype == np.float32
-
-
-def test_snapshots_equal_transaction_features_at_the_same_instant() -> None:
-    frame = simulate_transactions(SimulatorConfig(n_customers=60, n_terminals=80, n_days=50, seed=5))
-    times = offline.snapshot_times(frame, last_days=3)
-    snapshots = offline.customer_snapshots(frame, times)
-    sample = snapshots.sample(20, random_state=0)
-    at = ((sample["event_timestamp"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)).to_numpy()
-    expected = offline.customer_features(offline.customer_history(frame), sample["customer_id"].to_numpy(), at)
-    np.testing.assert_array_equal(sample[list(d.CUSTOMER_FEATURES)].to_numpy(), expected)
-    assert (snapshots["event_timestamp"].nunique(), snapshots["customer_id"].nunique()) == (
-        3,
-        frame["customer_id"].nunique(),
-    )

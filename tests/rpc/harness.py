@@ -27,6 +27,18 @@ SLOW_CUSTOMER = 7777  # the SlowReader sleeps for batches holding this customer
 GATED_CUSTOMER = 8888  # the SlowReader blocks on its gate for batches holding this customer
 
 
+# A regular: 1 transaction in the last day, 14 in the week, 60 in the month, $50 on average.
+_USUAL = {
+    "customer_nb_tx_1d": 1,
+    "customer_nb_tx_7d": 14,
+    "customer_nb_tx_30d": 60,
+    "customer_seconds_since_prev": 36_000,
+}
+_USUAL_CUSTOMER = np.array(
+    [_USUAL.get(name, 50.0 if "avg_amount" in name else 0.0) for name in CUSTOMER_FEATURES], dtype=np.float32
+)
+
+
 class SlowReader:
     """Ordinary history for everyone; slow for SLOW_CUSTOMER, blocked for GATED_CUSTOMER."""
 
@@ -43,11 +55,8 @@ class SlowReader:
         if GATED_CUSTOMER in customer_ids:
             self.gate.wait(10.0)
         n = len(customer_ids)
-        customer = np.tile(np.array([1, 50, 14, 50, 60, 50], dtype=np.float32), (n, 1))
+        customer = np.tile(_USUAL_CUSTOMER, (n, 1))
         return EntityFeatures(customer, np.zeros((n, len(TERMINAL_FEATURES)), dtype=np.float32))
-
-
-assert len(CUSTOMER_FEATURES) == 6
 
 
 def service_settings(model_dir: Path, **grpc_overrides) -> Settings:

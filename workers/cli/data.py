@@ -131,13 +131,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _features_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("apply", "materialize", "all"), help="all = apply then materialize")
-    p.add_argument("--full", action="store_true", help="materialize every snapshot day, not just the latest")
 
 
 @command(
     "features",
-    "register the Feast repo and/or materialize the snapshots into the online store "
-    "(all: simulates the history first when no snapshots exist)",
+    "register the Feast repo and/or materialize the end-of-history state into the online store "
+    "(all: simulates the history first when none exists)",
     _features_args,
 )
 def _features(args: argparse.Namespace) -> int:
@@ -161,6 +160,6 @@ def _features(args: argparse.Namespace) -> int:
         print(f"applied project {settings.feast.project!r} to {settings.feast.repo_path / 'registry.db'}")
     if args.action in ("materialize", "all"):
         started = time.perf_counter()
-        start, end = feast_store.materialize(store, settings, full=args.full, show_progress=True)
+        start, end = feast_store.materialize(store, settings, show_progress=True)
         print(f"materialized {start} .. {end} in {time.perf_counter() - started:.1f} s")
     return 0

@@ -1,17 +1,32 @@
 """The feature contract, defined once for training and serving.
 
-Names, order and defaults live here and nowhere else. The offline pipeline (training)
-and the online assembly (serving) both build the model input with ``assemble`` and
-``request_time_features`` below, so the two cannot drift apart; the ordered names are
-written into the ONNX model's metadata and compared when a model is loaded.
+Names, order and defaults live here and nowhere else. The offline pipeline (training) and
+the online readers (serving) both evaluate the windows with the functions in
+``workers.features.offline`` and build the model input with ``assemble`` below, so the two
+cannot drift apart; the ordered names are written into the ONNX model's metadata and
+compared when a model is loaded.
 
-Windowed aggregates follow the Fraud Detection Handbook's baseline features:
-- per customer, over the last 1/7/30 days *before* the transaction (the current one is
-  excluded, because that is what the online store holds when the transaction arrives):
-  number of transactions and mean amount;
-- per terminal, over 1/7/30 day windows that end ``TERMINAL_LABEL_DELAY_DAYS`` before
-  the transaction (fraud labels arrive late): number of transactions and fraud ratio.
-Entities without history in a window get 0, in training and in serving alike.
+What the online store holds is raw recent state, not aggregates (``history.py``): per
+customer its recent events, per terminal one tile per UTC day. Every window is evaluated at
+the transaction's own event time T, so a value never depends on when the store was last
+written (a scorer/job race changes nothing), and T itself is never counted.
+
+- per customer, windows ``[T - w, T)`` (anything at T or later is excluded): number of
+  transactions and mean amount over 1/7/30 days (the Fraud Detection Handbook's baseline),
+  and the velocity features only a stream can keep fresh: number and total amount over the
+  last 10 minutes and hour, seconds since the previous transaction (at most
+  ``SECONDS_SINCE_PREV_CAP_DAYS``; that value when there is none) and the number of distinct
+  terminals used in the last hour;
+- per terminal, over whole UTC days ``[day(T) - delay - d, day(T) - delay)`` for d in
+  1/7/30 (``delay = TERMINAL_LABEL_DELAY_DAYS``): number of transactions and the share labelled
+  fraud. The Handbook ends the window at ``T - delay`` to the microsecond; whole days let the
+  store keep one small tile per day instead of every event of a busy terminal, and because a
+  label arrives ``delay`` days after its transaction, every label of a window day is known at
+  T: training and serving agree without racing the labels.
+
+Amounts are summed in integer cents (``history.amount_cents``), so the window sums are exact
+in float64 whatever order or grouping computes them. Entities without history in a window
+get 0, in training and in serving alike.
 """
 
 from __future__ import annotations
@@ -19,9 +34,13 @@ from __future__ import annotations
 import numpy as np
 
 from workers.errors import FeatureContractError
-from workers.records import US_PER_DAY, US_PER_HOUR
+from workers.records import US_PER_DAY, US_PER_HOUR, US_PER_MINUTE
 
 WINDOWS_DAYS = (1, 7, 30)
+# Velocity windows (name suffix, length in us): counts and amounts of the last minutes.
+VELOCITY_WINDOWS = (("10min", 10 * US_PER_MINUTE), ("1h", US_PER_HOUR))
+DISTINCT_TERMINALS_WINDOW = ("1h", US_PER_HOUR)
+SECONDS_SINCE_PREV_CAP_DAYS = 30
 TERMINAL_LABEL_DELAY_DAYS = 7
 NIGHT_END_HOUR = 6  # a transaction before 06:00 UTC counts as night, as in the Handbook
 
@@ -29,12 +48,21 @@ CUSTOMER_ENTITY = "customer"
 CUSTOMER_JOIN_KEY = "customer_id"
 TERMINAL_ENTITY = "terminal"
 TERMINAL_JOIN_KEY = "terminal_id"
-CUSTOMER_VIEW = "customer_spending"
-TERMINAL_VIEW = "terminal_risk"
+# The online store's views: one packed Bytes field each (layouts in ``history.py``).
+CUSTOMER_VIEW = "customer_activity"
+CUSTOMER_EVENTS_FIELD = "events"
+TERMINAL_VIEW = "terminal_activity"
+TERMINAL_TILES_FIELD = "tiles"
 
-CUSTOMER_FEATURES = tuple(
+CUSTOMER_WINDOW_FEATURES = tuple(
     name for days in WINDOWS_DAYS for name in (f"customer_nb_tx_{days}d", f"customer_avg_amount_{days}d")
 )
+CUSTOMER_VELOCITY_FEATURES = (
+    *(name for suffix, _ in VELOCITY_WINDOWS for name in (f"customer_nb_tx_{suffix}", f"customer_amount_{suffix}")),
+    "customer_seconds_since_prev",
+    f"customer_nb_terminals_{DISTINCT_TERMINALS_WINDOW[0]}",
+)
+CUSTOMER_FEATURES = CUSTOMER_WINDOW_FEATURES + CUSTOMER_VELOCITY_FEATURES
 TERMINAL_FEATURES = tuple(
     name for days in WINDOWS_DAYS for name in (f"terminal_nb_tx_{days}d", f"terminal_risk_{days}d")
 )

@@ -1,16 +1,22 @@
-"""Offline features: per transaction for training, per entity and day for the online store.
+"""Window features: the one computation training and serving share.
 
-Windows follow ``definitions``: a customer window covers ``[t - d, t)`` (the transaction
-itself and anything at the same instant are excluded), a terminal window covers
-``[t - delay - d, t - delay)`` because fraud labels arrive ``TERMINAL_LABEL_DELAY_DAYS`` late.
+Windows follow ``definitions``: a customer window covers ``[T - w, T)`` (the transaction
+itself and anything at the same instant are excluded); a terminal window covers whole UTC
+days ``[day(T) - delay - d, day(T) - delay)``.
 
-All windows are answered the same way, for transactions and for snapshots alike: the
-history of each entity is sorted by time once, prefix sums are taken, and each window is two
-binary searches. That is exact, vectorised, and O(n log n) for any number of windows.
+All windows are answered the same way, whatever holds the events: the history of each
+entity is sorted by time once, prefix sums are taken, and each window is two binary
+searches. That is exact, vectorised, and O(n log n) for any number of windows. Training
+builds a ``History`` from every simulated transaction; a serving reader builds one from the
+raw state the online store returned for a batch (``customer_features_from_state``,
+``terminal_features_from_state``) and evaluates it at each row's own event time with the
+same functions, so the two cannot disagree. Sums are of integer cents and counts, exact in
+float64 however the events are grouped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from workers.features import definitions as d
-from workers.records import US_PER_DAY
+from workers.features import history as h
+from workers.records import US_PER_DAY, US_PER_SECOND
 
 
 @dataclass(frozen=True)
@@ -28,83 +35,178 @@ class History:
     entity_ids: np.ndarray  # sorted unique ids; an entity's rank is its position here
     keys: np.ndarray  # rank * span + (time - origin), increasing
     prefix: dict[str, np.ndarray]  # name -> cumulative sum with a leading 0
+    columns: dict[str, np.ndarray]  # name -> per-event values in key order (not summed)
     origin: int
     span: int
 
     @classmethod
-    def build(cls, entity: np.ndarray, time_us: np.ndarray, values: dict[str, np.ndarray], margin_us: int) -> History:
-        entity_ids, rank = np.unique(entity, return_inverse=True)
-        origin = int(time_us.min()) - margin_us
-        span = int(time_us.max()) - origin + margin_us + 1
+    def build(
+        cls,
+        entity: np.ndarray,
+        time_us: np.ndarray,
+        values: dict[str, np.ndarray],
+        margin_us: int,
+        columns: dict[str, np.ndarray] | None = None,
+    ) -> History:
+        entity_ids, rank = np.unique(np.asarray(entity, dtype=np.int64), return_inverse=True)
+        time_us = np.asarray(time_us, dtype=np.int64)
+        origin = int(time_us.min()) - margin_us if len(time_us) else 0
+        span = int(time_us.max()) - origin + margin_us + 1 if len(time_us) else 1
         if (len(entity_ids) + 1) * span >= 2**62:
             raise ValueError("too many entities or too long a period for 64-bit window keys")
         keys = rank.astype(np.int64) * span + (time_us - origin)
         order = np.argsort(keys, kind="stable")
         prefix = {name: np.concatenate([[0.0], np.cumsum(v[order], dtype=np.float64)]) for name, v in values.items()}
-        return cls(entity_ids, keys[order], prefix, origin, span)
+        sorted_columns = {name: np.asarray(v)[order] for name, v in (columns or {}).items()}
+        return cls(entity_ids, keys[order], prefix, sorted_columns, origin, span)
 
-    def window(
-        self, entity: np.ndarray, start_us: np.ndarray, end_us: np.ndarray
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Count and value sums over ``[start, end)`` per query; unknown entities get 0."""
+    def bounds(self, entity: np.ndarray, start_us: np.ndarray, end_us: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions ``[lo, hi)`` of each query's events in ``[start, end)``; unknown entities get lo == hi."""
+        entity = np.asarray(entity, dtype=np.int64)
         pos = np.searchsorted(self.entity_ids, entity)
-        known = (pos < len(self.entity_ids)) & (self.entity_ids[np.minimum(pos, len(self.entity_ids) - 1)] == entity)
+        n_ids = len(self.entity_ids)
+        known = (pos < n_ids) & (self.entity_ids[np.minimum(pos, max(n_ids - 1, 0))] == entity) if n_ids else pos < 0
         base = pos.astype(np.int64) * self.span - self.origin
         # Clamp to the entity's own key range so a query never reaches a neighbour's events.
         lo_t = np.clip(start_us, self.origin, self.origin + self.span - 1)
         hi_t = np.clip(end_us, self.origin, self.origin + self.span - 1)
         lo = np.searchsorted(self.keys, base + lo_t, side="left")
         hi = np.searchsorted(self.keys, base + hi_t, side="left")
-        hi = np.where(known, hi, lo)
+        return lo, np.where(known, hi, lo)
+
+    def window(
+        self, entity: np.ndarray, start_us: np.ndarray, end_us: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Count and value sums over ``[start, end)`` per query; unknown entities get 0."""
+        lo, hi = self.bounds(entity, start_us, end_us)
         sums = {name: p[hi] - p[lo] for name, p in self.prefix.items()}
         return (hi - lo).astype(np.float64), sums
+
+    def distinct(self, entity: np.ndarray, start_us: np.ndarray, end_us: np.ndarray, column: str) -> np.ndarray:
+        """Number of distinct ``column`` values among each query's events in ``[start, end)``."""
+        lo, hi = self.bounds(entity, start_us, end_us)
+        sizes = hi - lo
+        query = np.repeat(np.arange(len(lo)), sizes)
+        # Event positions of every query's window, concatenated: lo, lo+1, ..., hi-1 per query.
+        starts = np.repeat(lo - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+        value = self.columns[column][starts + np.arange(len(query))]
+        order = np.lexsort((value, query))
+        query, value = query[order], value[order]
+        first = np.ones(len(query), dtype=bool)
+        first[1:] = (query[1:] != query[:-1]) | (value[1:] != value[:-1])
+        return np.bincount(query[first], minlength=len(lo)).astype(np.float64)
+
+    def previous_time(self, entity: np.ndarray, start_us: np.ndarray, end_us: np.ndarray) -> np.ndarray:
+        """Time of each query's last event in ``[start, end)``; -1 when there is none."""
+        lo, hi = self.bounds(entity, start_us, end_us)
+        times = self.columns["time_us"]
+        last = times[np.maximum(hi - 1, 0)] if len(times) else np.zeros(len(hi), dtype=np.int64)
+        return np.where(hi > lo, last, -1)
 
 
 def _margin_us() -> int:
     return (max(d.WINDOWS_DAYS) + d.TERMINAL_LABEL_DELAY_DAYS + 1) * US_PER_DAY
 
 
-def customer_history(transactions: pd.DataFrame) -> History:
-    return _history(transactions, "customer_id", "amount", "amount")
-
-
-def terminal_history(transactions: pd.DataFrame) -> History:
-    return _history(transactions, "terminal_id", "fraud", "is_fraud")
-
-
-def _history(transactions: pd.DataFrame, key_column: str, name: str, value_column: str) -> History:
-    """One entity's history with one summed value (``name``) taken from ``value_column``."""
+def customer_history_of(
+    customer: np.ndarray, time_us: np.ndarray, amount_cents: np.ndarray, terminal: np.ndarray
+) -> History:
+    time_us = np.asarray(time_us, dtype=np.int64)
     return History.build(
-        transactions[key_column].to_numpy(np.int64),
-        transactions["event_time_us"].to_numpy(np.int64),
-        {name: transactions[value_column].to_numpy(np.float64)},
+        customer,
+        time_us,
+        {"cents": np.asarray(amount_cents, dtype=np.float64)},
+        _margin_us(),
+        columns={"time_us": time_us, "terminal_id": np.asarray(terminal, dtype=np.int64)},
+    )
+
+
+def terminal_history_of(terminal: np.ndarray, time_us: np.ndarray, tx: np.ndarray, fraud: np.ndarray) -> History:
+    """``tx``/``fraud`` per row: 1/is_fraud per transaction, or a day tile's counts."""
+    return History.build(
+        terminal,
+        time_us,
+        {"tx": np.asarray(tx, dtype=np.float64), "fraud": np.asarray(fraud, dtype=np.float64)},
         _margin_us(),
     )
 
 
+def customer_history(transactions: pd.DataFrame) -> History:
+    return customer_history_of(
+        transactions["customer_id"].to_numpy(np.int64),
+        transactions["event_time_us"].to_numpy(np.int64),
+        h.amount_cents(transactions["amount"].to_numpy(np.float64)),
+        transactions["terminal_id"].to_numpy(np.int64),
+    )
+
+
+def terminal_history(transactions: pd.DataFrame) -> History:
+    fraud = transactions["is_fraud"].to_numpy(np.float64)
+    return terminal_history_of(
+        transactions["terminal_id"].to_numpy(np.int64),
+        transactions["event_time_us"].to_numpy(np.int64),
+        np.ones(len(fraud)),
+        fraud,
+    )
+
+
 def customer_features(history: History, customer: np.ndarray, at_us: np.ndarray) -> np.ndarray:
-    """(n, len(CUSTOMER_FEATURES)) float32: count and mean amount over ``[at - d, at)``."""
-    out = np.empty((len(customer), len(d.CUSTOMER_FEATURES)), dtype=np.float32)
-    for i, days in enumerate(d.WINDOWS_DAYS):
+    """(n, len(CUSTOMER_FEATURES)) float32 in ``CUSTOMER_FEATURES`` order, windows ``[at - w, at)``."""
+    at_us = np.asarray(at_us, dtype=np.int64)
+    columns: list[np.ndarray] = []
+    for days in d.WINDOWS_DAYS:
         count, sums = history.window(customer, at_us - days * US_PER_DAY, at_us)
-        out[:, 2 * i] = count
-        out[:, 2 * i + 1] = _ratio(sums["amount"], count)
-    return out
+        columns += [count, _ratio(sums["cents"], count) / 100.0]
+    for _, length_us in d.VELOCITY_WINDOWS:
+        count, sums = history.window(customer, at_us - length_us, at_us)
+        columns += [count, sums["cents"] / 100.0]
+    cap_us = d.SECONDS_SINCE_PREV_CAP_DAYS * US_PER_DAY
+    previous = history.previous_time(customer, at_us - cap_us, at_us)
+    columns.append(np.where(previous >= 0, at_us - previous, cap_us) / US_PER_SECOND)
+    distinct_us = d.DISTINCT_TERMINALS_WINDOW[1]
+    columns.append(history.distinct(customer, at_us - distinct_us, at_us, "terminal_id"))
+    return np.stack(columns, axis=1).astype(np.float32)
 
 
 def terminal_features(history: History, terminal: np.ndarray, at_us: np.ndarray) -> np.ndarray:
-    """(n, len(TERMINAL_FEATURES)) float32: count and fraud ratio over the delayed window."""
-    end = at_us - d.TERMINAL_LABEL_DELAY_DAYS * US_PER_DAY
+    """(n, len(TERMINAL_FEATURES)) float32: transactions and fraud share over whole delayed days."""
+    end = (h.day_of(at_us) - d.TERMINAL_LABEL_DELAY_DAYS) * US_PER_DAY
     out = np.empty((len(terminal), len(d.TERMINAL_FEATURES)), dtype=np.float32)
     for i, days in enumerate(d.WINDOWS_DAYS):
-        count, sums = history.window(terminal, end - days * US_PER_DAY, end)
-        out[:, 2 * i] = count
-        out[:, 2 * i + 1] = _ratio(sums["fraud"], count)
+        _, sums = history.window(terminal, end - days * US_PER_DAY, end)
+        out[:, 2 * i] = sums["tx"]
+        out[:, 2 * i + 1] = _ratio(sums["fraud"], sums["tx"])
     return out
 
 
 def _ratio(total: np.ndarray, count: np.ndarray) -> np.ndarray:
     return np.divide(total, count, out=np.full_like(total, d.ENTITY_DEFAULT), where=count > 0)
+
+
+# --- serving: the same windows over the raw state a reader got from the store -------------
+
+
+def _concatenated(states: Sequence[np.ndarray], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(owner position per record, all records): one array for a whole batch's entities."""
+    sizes = [len(s) for s in states]
+    owner = np.repeat(np.arange(len(states), dtype=np.int64), sizes)
+    records = np.concatenate(list(states)) if states else np.empty(0, dtype=dtype)
+    return owner, records
+
+
+def customer_features_from_state(events: Sequence[np.ndarray], positions: np.ndarray, at_us: np.ndarray) -> np.ndarray:
+    """Row i's customer features at ``at_us[i]`` from ``events[positions[i]]`` (``history.unpack_customer``
+    arrays, one per distinct customer; an empty array for an unknown one)."""
+    owner, records = _concatenated(events, h.CUSTOMER_EVENT_DTYPE)
+    history = customer_history_of(owner, records["time_us"], records["amount_cents"], records["terminal_id"])
+    return customer_features(history, np.asarray(positions, dtype=np.int64), at_us)
+
+
+def terminal_features_from_state(tiles: Sequence[np.ndarray], positions: np.ndarray, at_us: np.ndarray) -> np.ndarray:
+    """Row i's terminal features at ``at_us[i]`` from ``tiles[positions[i]]`` (``history.unpack_terminal``)."""
+    owner, records = _concatenated(tiles, h.TERMINAL_TILE_DTYPE)
+    history = terminal_history_of(owner, records["day"] * US_PER_DAY, records["tx"], records["fraud"])
+    return terminal_features(history, np.asarray(positions, dtype=np.int64), at_us)
 
 
 @dataclass(frozen=True)
@@ -130,48 +232,50 @@ def feature_frame(transactions: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-# --- daily snapshots for Feast ------------------------------------------------------------
+# --- end-of-history state for the online store (the backfill) ----------------------------
 
 
-def snapshot_times(transactions: pd.DataFrame, last_days: int | None = None) -> np.ndarray:
-    """Midnights (UTC, us) after each simulated day; optionally only the last ``last_days``."""
-    t = transactions["event_time_us"].to_numpy(np.int64)
-    first = t.min() // US_PER_DAY + 1
-    last = t.max() // US_PER_DAY + 1
-    days = np.arange(first if last_days is None else max(first, last - last_days + 1), last + 1)
-    return days * US_PER_DAY
+def customer_state(transactions: pd.DataFrame) -> pd.DataFrame:
+    """(event_timestamp, customer_id, events): each customer's retained events, packed, as the
+    stream job would have left them after the last transaction; the timestamp is the latest event."""
+    frame = transactions.sort_values(["customer_id", "event_time_us"], kind="stable")
+    ids, starts = np.unique(frame["customer_id"].to_numpy(np.int64), return_index=True)
+    time_us = frame["event_time_us"].to_numpy(np.int64)
+    amount = frame["amount"].to_numpy(np.float64)
+    terminal = frame["terminal_id"].to_numpy(np.int64)
+    bounds = list(zip(starts, [*starts[1:], len(frame)]))
+    blobs = [h.pack(h.trim_customer(h.customer_events(time_us[a:b], amount[a:b], terminal[a:b]))) for a, b in bounds]
+    latest = np.array([time_us[b - 1] for _, b in bounds], dtype=np.int64)
+    return _state_frame(d.CUSTOMER_JOIN_KEY, ids, latest, d.CUSTOMER_EVENTS_FIELD, blobs)
 
 
-def _snapshot(ids: np.ndarray, times: np.ndarray, join_key: str, names: tuple[str, ...], compute) -> pd.DataFrame:
-    entity = np.tile(ids, len(times))
-    at = np.repeat(times, len(ids))
-    values = compute(entity, at)
-    frame = pd.DataFrame(values, columns=list(names))
-    frame.insert(0, join_key, entity)
-    frame.insert(0, "event_timestamp", pd.to_datetime(at, unit="us", utc=True))
-    return frame
-
-
-def customer_snapshots(transactions: pd.DataFrame, times: np.ndarray) -> pd.DataFrame:
-    """(event_timestamp, customer_id, CUSTOMER_FEATURES): what a reader sees at each time."""
-    history = customer_history(transactions)
-    return _snapshot(
-        history.entity_ids,
-        times,
-        d.CUSTOMER_JOIN_KEY,
-        d.CUSTOMER_FEATURES,
-        lambda e, t: customer_features(history, e, t),
+def terminal_state(transactions: pd.DataFrame, as_of_us: int | None = None) -> pd.DataFrame:
+    """(event_timestamp, terminal_id, tiles): each terminal's retained day tiles as known at
+    ``as_of_us`` (default: the last transaction). A fraud label is known once
+    ``TERMINAL_LABEL_DELAY_DAYS`` have passed since its transaction, as the Handbook assumes."""
+    time_us = transactions["event_time_us"].to_numpy(np.int64)
+    as_of = int(time_us.max()) if as_of_us is None else as_of_us
+    known = transactions["is_fraud"].to_numpy(np.int64) * (time_us + d.TERMINAL_LABEL_DELAY_DAYS * US_PER_DAY <= as_of)
+    frame = pd.DataFrame(
+        {"terminal": transactions["terminal_id"].to_numpy(np.int64), "day": h.day_of(time_us), "time_us": time_us}
     )
+    frame["fraud"] = known
+    frame = frame.sort_values(["terminal", "day"], kind="stable")
+    ids, starts = np.unique(frame["terminal"].to_numpy(np.int64), return_index=True)
+    day, fraud, times = (frame[c].to_numpy(np.int64) for c in ("day", "fraud", "time_us"))
+    bounds = list(zip(starts, [*starts[1:], len(frame)]))
+    blobs = [h.pack(h.trim_terminal(h.terminal_tiles(day[a:b], np.ones(b - a), fraud[a:b]))) for a, b in bounds]
+    latest = np.array([times[a:b].max() for a, b in bounds], dtype=np.int64)
+    return _state_frame(d.TERMINAL_JOIN_KEY, ids, latest, d.TERMINAL_TILES_FIELD, blobs)
 
 
-def terminal_snapshots(transactions: pd.DataFrame, times: np.ndarray) -> pd.DataFrame:
-    history = terminal_history(transactions)
-    return _snapshot(
-        history.entity_ids,
-        times,
-        d.TERMINAL_JOIN_KEY,
-        d.TERMINAL_FEATURES,
-        lambda e, t: terminal_features(history, e, t),
+def _state_frame(join_key: str, ids: np.ndarray, latest_us: np.ndarray, field: str, blobs: list[bytes]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "event_timestamp": pd.to_datetime(latest_us, unit="us", utc=True),
+            join_key: ids,
+            field: blobs,
+        }
     )
 
 
@@ -182,11 +286,10 @@ def snapshot_paths(data_dir: Path) -> dict[str, Path]:
     }
 
 
-def write_snapshots(transactions: pd.DataFrame, data_dir: Path, last_days: int | None = None) -> dict[str, Path]:
-    """Writes both snapshot tables where the Feast repo's file sources read them."""
+def write_snapshots(transactions: pd.DataFrame, data_dir: Path) -> dict[str, Path]:
+    """Writes both end-of-history state tables where the Feast repo's file sources read them."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    times = snapshot_times(transactions, last_days)
     paths = snapshot_paths(data_dir)
-    customer_snapshots(transactions, times).to_parquet(paths[d.CUSTOMER_VIEW], index=False)
-    terminal_snapshots(transactions, times).to_parquet(paths[d.TERMINAL_VIEW], index=False)
+    customer_state(transactions).to_parquet(paths[d.CUSTOMER_VIEW], index=False)
+    terminal_state(transactions).to_parquet(paths[d.TERMINAL_VIEW], index=False)
     return paths

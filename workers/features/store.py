@@ -2,8 +2,8 @@
 the CLI always agree on project, registry, online store and entity key encoding.
 
 Layout (all under ``settings.feast.repo_path``): ``registry.db`` (file registry) and
-``data/<view>.parquet`` (daily snapshots written by ``workers.features.offline``), both
-git-ignored. The online store is Redis at ``settings.redis.url``; an empty URL selects the
+``data/<view>.parquet`` (end-of-history state, one row per entity, written by
+``workers.features.offline``), both git-ignored. The online store is Redis at ``settings.redis.url``; an empty URL selects the
 embedded SQLite store (``online_store.db``) for machines without Redis.
 
 ``import feast`` costs seconds: this module imports it, so import this module lazily.
@@ -38,7 +38,7 @@ from feast import (  # noqa: E402
 from feast.infra.offline_stores.dask import DaskOfflineStoreConfig  # noqa: E402
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig  # noqa: E402
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig  # noqa: E402
-from feast.types import Float32, Int64  # noqa: E402
+from feast.types import Bytes, Int64  # noqa: E402
 
 for _name, _value in _prometheus_env_before.items():
     if _value is None:
@@ -75,9 +75,7 @@ def push_source_name(view: str) -> str:
     return f"{view}_push"
 
 
-def _view(
-    name: str, entity: Entity, join_key: str, features: tuple[str, ...], path: Path
-) -> tuple[PushSource, FeatureView]:
+def _view(name: str, entity: Entity, join_key: str, field: str, path: Path) -> tuple[PushSource, FeatureView]:
     batch = FileSource(name=f"{name}_snapshots", path=str(path), timestamp_field="event_timestamp")
     # The view reads from the push source: a stream job can push fresh values, and
     # materialization still loads from the push source's batch source (the snapshots).
@@ -86,7 +84,8 @@ def _view(
         name=name,
         entities=[entity],
         ttl=FEATURE_TTL,
-        schema=[Field(name=join_key, dtype=Int64)] + [Field(name=f, dtype=Float32) for f in features],
+        # One packed Bytes value per entity (``history.py``): the reader evaluates the windows.
+        schema=[Field(name=join_key, dtype=Int64), Field(name=field, dtype=Bytes)],
         online=True,
         source=push,
     )
@@ -101,10 +100,10 @@ def repo_objects(snapshots_dir: Path) -> RepoObjects:
     customer = Entity(name=d.CUSTOMER_ENTITY, join_keys=[d.CUSTOMER_JOIN_KEY], value_type=ValueType.INT64)
     terminal = Entity(name=d.TERMINAL_ENTITY, join_keys=[d.TERMINAL_JOIN_KEY], value_type=ValueType.INT64)
     customer_push, customer_view = _view(
-        d.CUSTOMER_VIEW, customer, d.CUSTOMER_JOIN_KEY, d.CUSTOMER_FEATURES, paths[d.CUSTOMER_VIEW]
+        d.CUSTOMER_VIEW, customer, d.CUSTOMER_JOIN_KEY, d.CUSTOMER_EVENTS_FIELD, paths[d.CUSTOMER_VIEW]
     )
     terminal_push, terminal_view = _view(
-        d.TERMINAL_VIEW, terminal, d.TERMINAL_JOIN_KEY, d.TERMINAL_FEATURES, paths[d.TERMINAL_VIEW]
+        d.TERMINAL_VIEW, terminal, d.TERMINAL_JOIN_KEY, d.TERMINAL_TILES_FIELD, paths[d.TERMINAL_VIEW]
     )
     return RepoObjects(customer, terminal, customer_push, terminal_push, customer_view, terminal_view)
 
@@ -172,19 +171,17 @@ def snapshot_range(settings: Settings) -> tuple[datetime, datetime]:
     return min(lows), max(highs)
 
 
-def materialize(
-    store: FeatureStore, settings: Settings, full: bool = False, show_progress: bool = False
-) -> tuple[datetime, datetime]:
-    """Loads the latest snapshot of every entity into the online store (Feast shows progress).
+def materialize(store: FeatureStore, settings: Settings, show_progress: bool = False) -> tuple[datetime, datetime]:
+    """Loads every entity's end-of-history state into the online store (Feast shows progress).
 
-    Every entity has a row in every daily snapshot, so the last day alone carries the
-    newest values; ``full`` replays the whole range (same result, much slower). The
-    watermark is written last, so readers trust the store only once every view is in.
+    The state files hold one row per entity, stamped with its latest event, so the whole
+    range is read. The watermark is written last, so readers trust the store only once
+    every view is in.
     """
     from tqdm import tqdm
 
     first, last = snapshot_range(settings)
-    start = (first if full else last - timedelta(hours=12)).astimezone(UTC)
+    start = first.astimezone(UTC)
     end = (last + timedelta(seconds=1)).astimezone(UTC)
     # Feast 0.67's local engine draws no bar of its own: one step per feature view.
     for view in tqdm((d.CUSTOMER_VIEW, d.TERMINAL_VIEW), desc="materialize", unit="view", disable=not show_progress):
@@ -206,12 +203,12 @@ def mark_loaded(settings: Settings, source: str, **details: object) -> None:
         watermark.write(client, settings.feast.project, source, **details)
 
 
-def load_online(settings: Settings, transactions, last_days: int | None = None) -> FeatureStore:
-    """Snapshots of ``transactions`` written where the repo reads them, applied and
-    materialized: the online store then serves them (tests, benchmarks, local runs)."""
+def load_online(settings: Settings, transactions) -> FeatureStore:
+    """The end-of-history state of ``transactions`` written where the repo reads it, applied
+    and materialized: the online store then serves it (tests, benchmarks, local runs)."""
     from workers.features.offline import write_snapshots
 
-    write_snapshots(transactions, settings.feast.data_dir, last_days=last_days)
+    write_snapshots(transactions, settings.feast.data_dir)
     store = feature_store(settings)
     apply(store, settings)
     materialize(store, settings)
