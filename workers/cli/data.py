@@ -96,7 +96,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     _simulator_args(p)
-    p.add_argument("--version", type=int, default=1, help="integer model version written to the file names")
+    p.add_argument("--version", type=int, default=2, help="integer model version written to the file names")
     p.add_argument("--models", default="lgbm,mlp", help="comma-separated subset of lgbm,mlp")
     p.add_argument("--out", type=Path, default=None, help="default: settings.model.directory")
 

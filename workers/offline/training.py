@@ -165,8 +165,8 @@ def _operating_point(y: np.ndarray, scores: np.ndarray, threshold: float) -> dic
 # (``validation_protocols``, ``tune_lgbm``), never on the test week: bench/model_eval.py
 # reruns the search and writes every trial to bench/results/model-*.
 LGBM_PARAMS: dict[str, Any] = {
-    "n_estimators": 300,
-    "learning_rate": 0.05,
+    "n_estimators": 500,
+    "learning_rate": 0.01,
     "num_leaves": 15,
     "min_child_samples": 20,
     "subsample": 0.8,
@@ -175,8 +175,39 @@ LGBM_PARAMS: dict[str, Any] = {
 }
 
 
-def train_lgbm(x: np.ndarray, y: np.ndarray, seed: int, params: dict[str, Any] | None = None):
+# Ratios the LightGBM model computes from the contract's columns before its trees (the first
+# column over the second; 1.0, "as usual", when the second is not positive, as
+# ``definitions.RATIO_DEFAULT``). Trees approximate a ratio of two inputs only with many
+# splits; given these three, validation average precision rose from 0.687 to 0.707
+# (bench/results/model-*). They live inside the model (``lgbm_to_onnx`` puts the same
+# float32 Div/Where in front of the tree ensemble), so the serving contract stays
+# ``FEATURE_NAMES`` and the engine is unchanged.
+DERIVED_FEATURES: tuple[tuple[str, str, str], ...] = (
+    ("amount_over_customer_avg_7d", "tx_amount", "customer_avg_amount_7d"),
+    ("amount_over_customer_avg_1d", "tx_amount", "customer_avg_amount_1d"),
+    ("customer_avg_7d_over_30d", "customer_avg_amount_7d", "customer_avg_amount_30d"),
+)
+DERIVED_NAMES = tuple(name for name, _, _ in DERIVED_FEATURES)
+
+
+def with_derived_features(x: np.ndarray) -> np.ndarray:
+    """``x`` (n, N_FEATURES) with the ``DERIVED_FEATURES`` columns appended, in float32
+    exactly as the exported graph computes them (IEEE float32 division on both sides)."""
+    x = np.asarray(x, dtype=np.float32)
+    extra = np.empty((x.shape[0], len(DERIVED_FEATURES)), dtype=np.float32)
+    for i, (_, numerator, denominator) in enumerate(DERIVED_FEATURES):
+        top, bottom = x[:, d.FEATURE_INDEX[numerator]], x[:, d.FEATURE_INDEX[denominator]]
+        np.divide(top, bottom, out=extra[:, i], where=bottom > 0)
+        extra[bottom <= 0, i] = np.float32(d.RATIO_DEFAULT)
+    return np.concatenate([x, extra], axis=1)
+
+
+def train_lgbm(x: np.ndarray, y: np.ndarray, seed: int, params: dict[str, Any] | None = None, derived: bool = True):
+    """LightGBM on ``x``; with ``derived`` a pipeline that appends ``DERIVED_FEATURES`` first
+    (what is exported); without, a bare classifier on the columns given (for ablations)."""
     import lightgbm as lgb
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
 
     model = lgb.LGBMClassifier(
         **(LGBM_PARAMS | (params or {})),
@@ -186,7 +217,9 @@ def train_lgbm(x: np.ndarray, y: np.ndarray, seed: int, params: dict[str, Any] |
         n_jobs=2,
         verbose=-1,
     )
-    return model.fit(x, y)
+    if not derived:
+        return model.fit(x, y)
+    return make_pipeline(FunctionTransformer(with_derived_features), model).fit(x, y)
 
 
 def train_mlp(x: np.ndarray, y: np.ndarray, seed: int):
@@ -296,23 +329,29 @@ def burst_recall(
 
 
 def burst_evaluation(
-    data: Dataset, name: str, seed: int, columns: list[int] | None = None, params: dict[str, Any] | None = None
+    data: Dataset, name: str, seed: int, drop: tuple[str, ...] = (), params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Trains ``name`` on the split's training week (optionally on a subset of the feature
-    columns), picks its thresholds on the test week as the exported models do, and reports
-    its metrics and its recall on the test week's bursts."""
-    keep = slice(None) if columns is None else columns
+    """Trains ``name`` on the split's training week without the ``drop`` features (an
+    ablation; LightGBM keeps its ``DERIVED_FEATURES``, which use none of the velocity ones),
+    picks its thresholds on the test week as the exported models do, and reports its metrics
+    and its recall on the test week's bursts."""
     y = data.transactions["is_fraud"].to_numpy()
-    x_train, x_test = data.matrix[data.split.train][:, keep], data.matrix[data.split.test][:, keep]
-    model = train_model(name, x_train, y[data.split.train], seed, params)
+    matrix, names = data.matrix, list(d.FEATURE_NAMES)
+    if name == "lgbm":
+        matrix, names = with_derived_features(matrix), names + list(DERIVED_NAMES)
+    keep = [i for i, n in enumerate(names) if n not in drop]
+    x_train, x_test = matrix[data.split.train][:, keep], matrix[data.split.test][:, keep]
+    if name == "lgbm":
+        model = train_lgbm(x_train, y[data.split.train], seed, params, derived=False)
+    else:
+        model = train_model(name, x_train, y[data.split.train], seed)
     scores = native_scores(model, x_test)
     test_frame = data.transactions.iloc[data.split.test]
     threshold_info = suggest_thresholds(y[data.split.test], scores)
     return {
         "model": name,
-        "features": [d.FEATURE_NAMES[i] for i in range(d.N_FEATURES)]
-        if columns is None
-        else [d.FEATURE_NAMES[i] for i in columns],
+        "dropped": list(drop),
+        "n_inputs": len(keep),
         "metrics": metrics(test_frame, scores),
         "thresholds": threshold_info["thresholds"],
         "bursts": burst_recall(test_frame, scores, threshold_info["thresholds"]),
@@ -322,22 +361,26 @@ def burst_evaluation(
 # --- ONNX export ----------------------------------------------------------------------
 
 
-def lgbm_to_onnx(model):
-    """onnxmltools' conversion, reduced to one output: P(fraud) as ``fraud_probability``."""
+def lgbm_to_onnx(pipeline):
+    """onnxmltools' conversion, reduced to one output: P(fraud) as ``fraud_probability``,
+    behind the ``DERIVED_FEATURES`` computed from the ``features`` input."""
     import onnx
     import onnxmltools
     from onnx import TensorProto, helper
     from onnxmltools.convert.common.data_types import FloatTensorType
 
+    model = pipeline.steps[-1][1]
+    width = d.N_FEATURES + len(DERIVED_FEATURES)
     converted = onnxmltools.convert_lightgbm(
         model,
-        initial_types=[(d.MODEL_INPUT_NAME, FloatTensorType([None, d.N_FEATURES]))],
+        initial_types=[(_TREE_INPUT, FloatTensorType([None, width]))],
         zipmap=False,
         target_opset=15,
     )
     _round_thresholds_down(converted, model.booster_)
     graph = converted.graph
     graph.name = "fraud_lgbm"  # the converter names it with a random uuid; keep exports reproducible
+    _prepend_derived_features(graph, helper, TensorProto)
     probabilities = next(o.name for o in graph.output if o.name == "probabilities")
     graph.initializer.append(helper.make_tensor("fraud_column", TensorProto.INT64, [], [1]))
     graph.node.append(helper.make_node("Gather", [probabilities, "fraud_column"], [d.MODEL_OUTPUT_NAME], axis=1))
@@ -345,6 +388,41 @@ def lgbm_to_onnx(model):
     graph.output.append(helper.make_tensor_value_info(d.MODEL_OUTPUT_NAME, TensorProto.FLOAT, [None]))
     # Drop the label branch: nothing reads it, and its declared shape makes ORT warn per batch.
     return _prune_unused(converted, onnx)
+
+
+_TREE_INPUT = "features_with_derived"
+
+
+def _prepend_derived_features(graph, helper, tensor_proto) -> None:
+    """``features`` -> Concat(features, Where(den > 0, num / den, 1) per ratio) -> the trees."""
+    nodes = []
+    graph.initializer.extend(
+        [
+            helper.make_tensor("derived_zero", tensor_proto.FLOAT, [], [0.0]),
+            helper.make_tensor("derived_default", tensor_proto.FLOAT, [], [d.RATIO_DEFAULT]),
+        ]
+    )
+    ratios = []
+    for name, numerator, denominator in DERIVED_FEATURES:
+        for role, column in (("num", numerator), ("den", denominator)):
+            graph.initializer.append(
+                helper.make_tensor(f"{name}_{role}_index", tensor_proto.INT64, [1], [d.FEATURE_INDEX[column]])
+            )
+            nodes.append(
+                helper.make_node("Gather", [d.MODEL_INPUT_NAME, f"{name}_{role}_index"], [f"{name}_{role}"], axis=1)
+            )
+        nodes += [
+            helper.make_node("Div", [f"{name}_num", f"{name}_den"], [f"{name}_div"]),
+            helper.make_node("Greater", [f"{name}_den", "derived_zero"], [f"{name}_defined"]),
+            helper.make_node("Where", [f"{name}_defined", f"{name}_div", "derived_default"], [name]),
+        ]
+        ratios.append(name)
+    nodes.append(helper.make_node("Concat", [d.MODEL_INPUT_NAME, *ratios], [_TREE_INPUT], axis=1))
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + existing)
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info(d.MODEL_INPUT_NAME, tensor_proto.FLOAT, [None, d.N_FEATURES]))
 
 
 def _round_thresholds_down(onnx_model, booster) -> None:
@@ -491,7 +569,7 @@ def check_model_file(path: Path | str) -> ModelContract:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    version: int = 1
+    version: int = 2
     models: tuple[str, ...] = MODEL_NAMES
     out_dir: Path = Path("models")
     protocol: Protocol = field(default_factory=Protocol)
@@ -571,6 +649,7 @@ def _card(name, config, data, model, native, exported, threshold_info, path, tra
             "test": [str(protocol.test_start), str(protocol.test_start + timedelta(days=protocol.test_days - 1))],
         },
         "features": list(d.FEATURE_NAMES),
+        "derived_features": ([f"{n} = {a} / {b}" for n, a, b in DERIVED_FEATURES] if name == "lgbm" else []),
         "metrics": metrics(test_frame, native),
         "metrics_onnx": metrics(test_frame, exported),
         **threshold_info,
@@ -630,5 +709,6 @@ def _card_markdown(card: dict[str, Any]) -> str:
   Policy: {card["policy"]}.
 - ONNX vs native max |score difference| on the test week: {card["onnx_max_abs_diff"]:.2e}.
 - Features ({len(card["features"])}, in order): {", ".join(card["features"])}.
+- Computed inside the model from them: {", ".join(card["derived_features"]) or "none"}.
 - Regenerate: `{card["regenerate"]}`.
 """
