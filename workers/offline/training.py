@@ -246,9 +246,11 @@ def native_scores(model, x: np.ndarray) -> np.ndarray:
     return model.predict_proba(x)[:, 1]
 
 
-def train_model(name: str, x: np.ndarray, y: np.ndarray, seed: int, params: dict[str, Any] | None = None):
+def train_model(
+    name: str, x: np.ndarray, y: np.ndarray, seed: int, params: dict[str, Any] | None = None, derived: bool = True
+):
     if name == "lgbm":
-        return train_lgbm(x, y, seed, params)
+        return train_lgbm(x, y, seed, params, derived)
     if name == "mlp":
         return train_mlp(x, y, seed)
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
@@ -266,29 +268,37 @@ def validation_protocols(protocol: Protocol, folds: int = 3) -> list[Protocol]:
 
 
 def validation_metrics(
-    data: Dataset, protocol: Protocol, name: str, seed: int, params: dict[str, Any] | None = None, folds: int = 3
+    data: Dataset,
+    protocol: Protocol,
+    name: str,
+    seed: int,
+    params: dict[str, Any] | None = None,
+    folds: int = 3,
+    derived: bool = True,
 ) -> dict[str, Any]:
     """Test metrics on each validation fold and their mean."""
     per_fold = []
     y = data.transactions["is_fraud"].to_numpy()
     for fold in validation_protocols(protocol, folds):
         split = handbook_split(data.transactions, fold)
-        model = train_model(name, data.matrix[split.train], y[split.train], seed, params)
+        model = train_model(name, data.matrix[split.train], y[split.train], seed, params, derived)
         per_fold.append(metrics(data.transactions.iloc[split.test], native_scores(model, data.matrix[split.test])))
     mean = {k: round(float(np.mean([m[k] for m in per_fold])), 4) for k in per_fold[0]}
     return {"folds": per_fold, "mean": mean}
 
 
 def tune_lgbm(
-    data: Dataset, protocol: Protocol, grid: list[dict[str, Any]], seed: int, folds: int = 3
+    data: Dataset, protocol: Protocol, grid: list[dict[str, Any]], seed: int, folds: int = 3, derived: bool = True
 ) -> list[dict[str, Any]]:
     """Every candidate's validation metrics, best first (mean average precision, then mean
     card precision@100). Candidates override ``LGBM_PARAMS``."""
     trials = []
     for params in grid:
         started = time.perf_counter()
-        result = validation_metrics(data, protocol, "lgbm", seed, params, folds)
-        trials.append({"params": params, **result, "seconds": round(time.perf_counter() - started, 1)})
+        result = validation_metrics(data, protocol, "lgbm", seed, params, folds, derived)
+        trials.append(
+            {"params": params, "derived": derived, **result, "seconds": round(time.perf_counter() - started, 1)}
+        )
     return sorted(trials, key=lambda t: (-t["mean"]["average_precision"], -t["mean"]["card_precision_at_100"]))
 
 
