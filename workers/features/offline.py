@@ -286,10 +286,11 @@ def snapshot_paths(data_dir: Path) -> dict[str, Path]:
     }
 
 
-def write_snapshots(transactions: pd.DataFrame, data_dir: Path) -> dict[str, Path]:
-    """Writes both end-of-history state tables where the Feast repo's file sources read them."""
+def write_snapshots(transactions: pd.DataFrame, data_dir: Path, as_of_us: int | None = None) -> dict[str, Path]:
+    """Writes both end-of-history state tables where the Feast repo's file sources read them
+    (labels as known at ``as_of_us``, default the last transaction)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = snapshot_paths(data_dir)
     customer_state(transactions).to_parquet(paths[d.CUSTOMER_VIEW], index=False)
-    terminal_state(transactions).to_parquet(paths[d.TERMINAL_VIEW], index=False)
+    terminal_state(transactions, as_of_us).to_parquet(paths[d.TERMINAL_VIEW], index=False)
     return paths
