@@ -50,7 +50,9 @@ CUSTOMER_COMPROMISE_DAYS = 14
 CUSTOMER_FRAUD_SHARE = 1 / 3
 CUSTOMER_FRAUD_AMOUNT_FACTOR = 5.0
 
-# Scenario 4, card testing (see ``card_testing_burst`` for why these values).
+# Scenario 4, card testing (see ``card_testing_burst`` for why these values). Two bursts a
+# day (as scenario 2's two terminals) add ~27 frauds a day to the Handbook's ~80: enough to
+# matter to a model, not so many that they drown scenarios 1-3.
 CARD_TESTING_BURSTS_PER_DAY = 2
 CARD_TESTING_SMALL_TX = (5, 15)  # inclusive range of the number of small "testing" purchases
 CARD_TESTING_LARGE_TX = (2, 5)  # inclusive range of the number of large "cash-out" purchases
