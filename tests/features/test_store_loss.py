@@ -102,7 +102,7 @@ def test_restart_empty_is_features_lost_down_is_features_unavailable_and_reloadi
     seen = asyncio.run(asyncio.wait_for(scenario(), 150))
     loaded, loaded_health = seen["loaded"]
     assert loaded_health == SERVING
-    assert not loaded.degraded and loaded.model_version == "mlp-v2" and loaded.outcome == fraud_pb2.DECLINE
+    assert not loaded.degraded and loaded.model_version == "mlp-v1" and loaded.outcome == fraud_pb2.DECLINE
 
     for decision in seen["wiped"]:
         assert decision.degraded and decision.degraded_cause == fraud_pb2.FEATURES_LOST, decision
@@ -120,7 +120,7 @@ def test_restart_empty_is_features_lost_down_is_features_unavailable_and_reloadi
 
     assert seen["serving_after_s"] < RECOVERY_LIMIT_S
     reloaded = seen["reloaded"]
-    assert not reloaded.degraded and reloaded.model_version == "mlp-v2" and reloaded.outcome == fraud_pb2.DECLINE
+    assert not reloaded.degraded and reloaded.model_version == "mlp-v1" and reloaded.outcome == fraud_pb2.DECLINE
     print(f"SERVING again {seen['serving_after_s'] * 1000:.0f} ms after the features were loaded (no traffic)")
 
 
@@ -145,6 +145,6 @@ def test_first_request_after_start_is_answered_by_the_model_within_5_ms(
         engine.stop()
         gc.unfreeze()
         signal.signal(signal.SIGHUP, previous_sighup)
-    assert not decision.degraded and decision.model_version == "mlp-v2", decision
+    assert not decision.degraded and decision.model_version == "mlp-v1", decision
     assert timing.total_us < 5000, timing
     print(f"first request: {timing}")
