@@ -68,8 +68,11 @@ class History:
         known = (pos < n_ids) & (self.entity_ids[np.minimum(pos, max(n_ids - 1, 0))] == entity) if n_ids else pos < 0
         base = pos.astype(np.int64) * self.span - self.origin
         # Clamp to the entity's own key range so a query never reaches a neighbour's events.
-        lo_t = np.clip(start_us, self.origin, self.origin + self.span - 1)
-        hi_t = np.clip(end_us, self.origin, self.origin + self.span - 1)
+        # minimum/maximum, not np.clip: the same values, without clip's ~10 us of Python per call
+        # (20 calls per serving read; measured).
+        last = self.origin + self.span - 1
+        lo_t = np.minimum(np.maximum(start_us, self.origin), last)
+        hi_t = np.minimum(np.maximum(end_us, self.origin), last)
         lo = np.searchsorted(self.keys, base + lo_t, side="left")
         hi = np.searchsorted(self.keys, base + hi_t, side="left")
         return lo, np.where(known, hi, lo)
