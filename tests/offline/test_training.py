@@ -4,7 +4,7 @@ the interface and metadata are what the engine expects, and a reordered model is
 from __future__ import annotations
 
 import json
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +142,50 @@ def test_committed_models_honour_the_contract(name: str) -> None:
     for path in paths:
         assert training.check_model_file(path).model_name == name
         assert path.stat().st_size < 5_000_000
+
+
+def test_derived_features_are_ratios_with_the_usual_default() -> None:
+    x = np.zeros((3, d.N_FEATURES), dtype=np.float32)
+    x[:, d.FEATURE_INDEX["tx_amount"]] = [50.0, 30.0, 7.0]
+    x[:, d.FEATURE_INDEX["customer_avg_amount_7d"]] = [25.0, 0.0, 3.0]
+    x[:, d.FEATURE_INDEX["customer_avg_amount_30d"]] = [10.0, 10.0, 0.0]
+    out = training.with_derived_features(x)
+    assert out.shape == (3, d.N_FEATURES + len(training.DERIVED_FEATURES)) and out.dtype == np.float32
+    derived = dict(zip(training.DERIVED_NAMES, out[:, d.N_FEATURES :].T))
+    assert derived["amount_over_customer_avg_7d"].tolist() == [2.0, 1.0, np.float32(7.0) / np.float32(3.0)]
+    assert derived["amount_over_customer_avg_1d"].tolist() == [1.0, 1.0, 1.0]  # no purchase in the last day
+    assert derived["customer_avg_7d_over_30d"].tolist() == [2.5, 0.0, 1.0]
+
+
+def test_exported_lgbm_computes_the_derived_features_itself(trained: Path) -> None:
+    model = onnx.load(trained / "lgbm-v2.onnx")
+    assert [i.name for i in model.graph.input] == [d.MODEL_INPUT_NAME]
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("Div") == len(training.DERIVED_FEATURES) and "Concat" in ops
+
+
+def test_validation_weeks_end_before_the_delay() -> None:
+    protocol = training.Protocol()
+    last_train_day = protocol.train_start + (protocol.train_days - 1) * timedelta(days=1)
+    folds = training.validation_protocols(protocol, folds=3)
+    assert len({f.test_start for f in folds}) == 3
+    for fold in folds:
+        assert fold.test_start + (fold.test_days - 1) * timedelta(days=1) <= last_train_day
+    assert folds[0].test_start == protocol.train_start  # the closest fold validates on the training week
+
+
+def test_burst_recall_counts_bursts_and_first_positions() -> None:
+    day = US_PER_DAY * 17_000
+    frame = pd.DataFrame(
+        {
+            "customer_id": [1, 1, 1, 2, 2, 3],
+            "event_time_us": [day, day + 1, day + 2, day, day + 5, day],
+            "fraud_scenario": [4, 4, 4, 4, 4, 0],
+        }
+    )
+    scores = np.array([0.1, 0.6, 0.95, 0.2, 0.3, 0.99])
+    report = training.burst_recall(frame, scores, {"review": 0.5, "decline": 0.9})
+    assert (report["bursts"], report["burst_transactions"]) == (2, 5)
+    assert report["review"]["recall"] == 0.4 and report["review"]["bursts_caught"] == 0.5
+    assert report["review"]["median_first_position"] == 2.0
+    assert report["decline"]["recall"] == 0.2 and report["decline"]["median_first_position"] == 3.0

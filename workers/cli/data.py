@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from datetime import date
 from pathlib import Path
 
 from workers.cli import command
@@ -26,6 +27,22 @@ def _simulator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--terminals", type=int, default=10_000)
     p.add_argument("--days", type=int, default=183)
     p.add_argument("--data-dir", type=Path, default=None, help="default: <feast repo>/data")
+    p.add_argument(
+        "--card-testing",
+        action="store_true",
+        help="add fraud scenario 4 (bursts of small then large purchases on stolen cards); "
+        "off by default so that the Handbook's figures stay comparable",
+    )
+    period = p.add_mutually_exclusive_group()
+    period.add_argument(
+        "--start-date", type=date.fromisoformat, default=None, help="first simulated day (default 2018-04-01)"
+    )
+    period.add_argument(
+        "--end-now",
+        action="store_true",
+        help="a history that ends now: the last simulated day is today (UTC), cut at the current time, "
+        "so that a live stream continues it",
+    )
 
 
 def _simulator_args_defaults() -> argparse.Namespace:
@@ -35,11 +52,12 @@ def _simulator_args_defaults() -> argparse.Namespace:
 
 
 def _simulate_and_write(args: argparse.Namespace, timings: dict[str, float]):
+    """(the simulator config, the transactions), written with their snapshots to the data dir."""
     from workers.features import offline
-    from workers.offline.simulator import SimulatorConfig, simulate_transactions, write_parquet
+    from workers.offline.simulator import simulate_transactions, write_parquet
 
     data_dir = args.data_dir or load_settings().feast.data_dir
-    config = SimulatorConfig(n_customers=args.customers, n_terminals=args.terminals, n_days=args.days, seed=args.seed)
+    config = _simulator_config(args)
     started = time.perf_counter()
     transactions = simulate_transactions(config)
     timings["simulate_s"] = round(time.perf_counter() - started, 2)
@@ -48,7 +66,24 @@ def _simulate_and_write(args: argparse.Namespace, timings: dict[str, float]):
     offline.write_snapshots(transactions, data_dir)
     timings["snapshots_s"] = round(time.perf_counter() - started, 2)
     print(f"{len(transactions)} transactions ({transactions['is_fraud'].mean():.2%} fraud) and snapshots in {data_dir}")
-    return transactions
+    return config, transactions
+
+
+def _simulator_config(args: argparse.Namespace):
+    from workers.offline.simulator import SimulatorConfig
+
+    fields = {
+        "n_customers": args.customers,
+        "n_terminals": args.terminals,
+        "n_days": args.days,
+        "seed": args.seed,
+        "card_testing": args.card_testing,
+    }
+    if args.end_now:
+        return SimulatorConfig.ending_now(**fields)
+    if args.start_date is not None:
+        return SimulatorConfig(start_date=args.start_date, **fields)
+    return SimulatorConfig(**fields)
 
 
 @command("simulate", "simulate the transaction dataset and write it plus Feast snapshots as Parquet", _simulator_args)
@@ -61,7 +96,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     _simulator_args(p)
-    p.add_argument("--version", type=int, default=1, help="integer model version written to the file names")
+    p.add_argument("--version", type=int, default=2, help="integer model version written to the file names")
     p.add_argument("--models", default="lgbm,mlp", help="comma-separated subset of lgbm,mlp")
     p.add_argument("--out", type=Path, default=None, help="default: settings.model.directory")
 
@@ -71,13 +106,17 @@ def _train(args: argparse.Namespace) -> int:
     from workers.offline import training
 
     timings: dict[str, float] = {}
-    transactions = _simulate_and_write(args, timings)
-    dataset = training.build_dataset(transactions, training.Protocol(), timings)
+    simulator, transactions = _simulate_and_write(args, timings)
+    # The Handbook's weeks, at the same distance from the start of a moved history.
+    protocol = training.Protocol.for_history(simulator.start_date)
+    dataset = training.build_dataset(transactions, protocol, timings)
     config = training.TrainConfig(
         seed=args.seed,
         version=args.version,
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         out_dir=args.out or Path(load_settings().model.directory),
+        protocol=protocol,
+        card_testing=args.card_testing,
     )
     started = time.perf_counter()
     cards = training.train_and_export(dataset, config)

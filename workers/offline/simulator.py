@@ -11,8 +11,21 @@ day are dropped, as the Handbook does. Three fraud scenarios are injected:
 3. each day 3 random customers are compromised for the next 14 days: a third of their
    transactions have their amount multiplied by 5 and are fraud.
 
+A fourth scenario, card testing, is off by default (``SimulatorConfig.card_testing``) so
+that the Handbook's figures stay comparable:
+
+4. each day ``CARD_TESTING_BURSTS_PER_DAY`` random cards are stolen and tested: a burst of
+   small purchases, then a few large ones, at distinct terminals within minutes (see
+   ``card_testing_burst`` for the parameters and why). Every burst transaction is fraud.
+   Nothing else in the data changes: the bursts come from their own random stream and are
+   added to the Handbook's transactions, so scenarios 1-3 are identical with it on or off.
+
 Everything is drawn from one ``numpy.random.Generator`` per seed, population first, so the
 same seed gives the same customers and terminals to the training set and to the live stream.
+
+By default the history covers ``n_days`` from 2018-04-01 (the Handbook's period). A demo
+wants a history that ends *now*, so that a live stream continues it: ``SimulatorConfig.ending_at``
+puts the last simulated day on the given UTC day and drops what would lie after the given instant.
 """
 
 from __future__ import annotations
@@ -20,8 +33,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +50,20 @@ CUSTOMER_COMPROMISE_DAYS = 14
 CUSTOMER_FRAUD_SHARE = 1 / 3
 CUSTOMER_FRAUD_AMOUNT_FACTOR = 5.0
 
+# Scenario 4, card testing (see ``card_testing_burst`` for why these values). Two bursts a
+# day (as scenario 2's two terminals) add ~27 frauds a day to the Handbook's ~80: enough to
+# matter to a model, not so many that they drown scenarios 1-3.
+CARD_TESTING_BURSTS_PER_DAY = 2
+CARD_TESTING_SMALL_TX = (5, 15)  # inclusive range of the number of small "testing" purchases
+CARD_TESTING_LARGE_TX = (2, 5)  # inclusive range of the number of large "cash-out" purchases
+CARD_TESTING_SMALL_AMOUNT = (1.0, 5.0)
+CARD_TESTING_LARGE_AMOUNT = (100.0, FRAUD_AMOUNT_THRESHOLD)
+CARD_TESTING_DURATION_S = (10 * 60, 20 * 60)
+CARD_TESTING_SCENARIO = 4
+# The burst randomness is its own stream, derived from the seed, so that switching the
+# scenario on leaves every draw of scenarios 1-3 (and of the live stream) as it was.
+_CARD_TESTING_STREAM = 4
+
 
 @dataclass(frozen=True)
 class SimulatorConfig:
@@ -47,11 +75,29 @@ class SimulatorConfig:
     start_date: date = date(2018, 4, 1)
     radius: float = 5.0
     seed: int = 0
+    card_testing: bool = False  # scenario 4; off keeps the Handbook's dataset (and figures) as they were
+    end_us: int | None = None  # drop transactions at or after this instant (a history that ends "now")
 
     @property
     def start_us(self) -> int:
         start = datetime(self.start_date.year, self.start_date.month, self.start_date.day, tzinfo=UTC)
         return int(start.timestamp()) * US_PER_SECOND
+
+    @classmethod
+    def ending_at(cls, end_us: int, **fields: Any) -> SimulatorConfig:
+        """A history whose last simulated day is ``end_us``'s UTC day, cut at ``end_us``.
+
+        Days keep starting at UTC midnight, so times of day, weekends and the terminals'
+        whole-day windows mean what they mean in the Handbook's 2018 period; the last day is
+        partial: a live stream stamped "now" takes over where it stops.
+        """
+        n_days = int(fields.get("n_days", cls.n_days))
+        last_day = datetime.fromtimestamp(end_us / US_PER_SECOND, tz=UTC).date()
+        return cls(start_date=last_day - timedelta(days=n_days - 1), end_us=end_us, **fields)
+
+    @classmethod
+    def ending_now(cls, **fields: Any) -> SimulatorConfig:
+        return cls.ending_at(time.time_ns() // 1000, **fields)
 
 
 @dataclass(frozen=True)
@@ -63,6 +109,7 @@ class Population:
     mean_daily_tx: np.ndarray
     reach_offsets: np.ndarray  # (n_customers + 1,): terminals of c are reach_terminals[o[c]:o[c+1]]
     reach_terminals: np.ndarray
+    n_terminals: int
 
     @property
     def n_customers(self) -> int:
@@ -79,7 +126,7 @@ def make_population(config: SimulatorConfig, rng: np.random.Generator) -> Popula
     mean_daily_tx = rng.uniform(0, 4, size=config.n_customers)
     terminal_xy = rng.uniform(0, 100, size=(config.n_terminals, 2))
     offsets, terminals = _terminals_in_reach(customer_xy, terminal_xy, config.radius)
-    return Population(mean_amount, mean_amount / 2, mean_daily_tx, offsets, terminals)
+    return Population(mean_amount, mean_amount / 2, mean_daily_tx, offsets, terminals, config.n_terminals)
 
 
 def _terminals_in_reach(
@@ -139,7 +186,13 @@ def simulate_transactions(config: SimulatorConfig = SimulatorConfig()) -> pd.Dat
         }
     )
     _inject_frauds(frame, config, rng)
-    return frame.drop(columns="day")
+    frame = frame.drop(columns="day")
+    if config.card_testing:
+        frame = _with_card_testing(frame, population, config)
+    if config.end_us is not None:
+        # Rows are sorted by time, so the cut keeps the ids contiguous from 0.
+        frame = frame[frame["event_time_us"].to_numpy() < config.end_us].reset_index(drop=True)
+    return frame
 
 
 def _inject_frauds(frame: pd.DataFrame, config: SimulatorConfig, rng: np.random.Generator) -> None:
@@ -187,6 +240,78 @@ def _hit_by_schedule(schedule: list[tuple[np.ndarray, int, int]], entity: np.nda
     for entities, start, end in schedule:
         table[entities, start:end] = True
     return table[entity, day]
+
+
+# --- scenario 4: card testing -------------------------------------------------------------
+
+
+def card_testing_burst(
+    rng: np.random.Generator, n_terminals: int, customer: int, start_us: int
+) -> dict[str, np.ndarray]:
+    """One card-testing burst on ``customer``'s card from ``start_us``: columns, sorted by time.
+
+    A fraudster with a stolen card number first checks that it works with small purchases,
+    then cashes out before the card is blocked (the pattern the card schemes call "card
+    testing" / "enumeration"). The parameters:
+
+    - 5-15 small purchases of $1-5: few enough to pass unnoticed one by one, many enough to
+      try several merchants (and card details); amounts a cardholder's statement hides;
+    - then 2-5 large purchases of $100-220: large against the customers' usual spend (their
+      means are $5-100) but below scenario 1's $220, so the amount alone does not give
+      them away and catching them needs the card's recent activity;
+    - all within 10-20 minutes (uniform), at distinct terminals drawn from all terminals:
+      card-not-present fraud happens at merchants the fraudster picks, not near the
+      cardholder's home, and a bot spreads the attempts so that no one merchant sees many.
+
+    Times are uniform over the burst, sorted; the small purchases come first. The burst
+    lies inside ``[start_us, start_us + 20 min]``.
+    """
+    n_small = int(rng.integers(CARD_TESTING_SMALL_TX[0], CARD_TESTING_SMALL_TX[1] + 1))
+    n_large = int(rng.integers(CARD_TESTING_LARGE_TX[0], CARD_TESTING_LARGE_TX[1] + 1))
+    n = n_small + n_large
+    duration_s = rng.uniform(*CARD_TESTING_DURATION_S)
+    offsets_us = np.sort((rng.random(n) * duration_s * US_PER_SECOND).astype(np.int64))
+    amounts = np.concatenate(
+        [rng.uniform(*CARD_TESTING_SMALL_AMOUNT, size=n_small), rng.uniform(*CARD_TESTING_LARGE_AMOUNT, size=n_large)]
+    )
+    return {
+        "customer_id": np.full(n, customer, dtype=np.int64),
+        "terminal_id": rng.choice(n_terminals, size=n, replace=False).astype(np.int64),
+        "amount": np.round(amounts, 2),
+        "event_time_us": start_us + offsets_us,
+    }
+
+
+def _card_testing_bursts(population: Population, config: SimulatorConfig) -> pd.DataFrame:
+    """``CARD_TESTING_BURSTS_PER_DAY`` bursts a day on random cards that transact, each
+    starting at a uniform time of its day (bots do not keep office hours) and ending inside it."""
+    rng = np.random.default_rng([config.seed, _CARD_TESTING_STREAM])
+    candidates = np.flatnonzero(population.reach_counts > 0)
+    latest_start_s = SECONDS_PER_DAY - CARD_TESTING_DURATION_S[1]
+    bursts = []
+    for day in range(config.n_days):
+        for customer in rng.choice(candidates, size=CARD_TESTING_BURSTS_PER_DAY, replace=False):
+            start_s = day * SECONDS_PER_DAY + int(rng.integers(0, latest_start_s))
+            bursts.append(
+                card_testing_burst(
+                    rng, population.n_terminals, int(customer), config.start_us + start_s * US_PER_SECOND
+                )
+            )
+    columns = {name: np.concatenate([b[name] for b in bursts]) for name in bursts[0]}
+    return pd.DataFrame(columns)
+
+
+def _with_card_testing(frame: pd.DataFrame, population: Population, config: SimulatorConfig) -> pd.DataFrame:
+    bursts = _card_testing_bursts(population, config)
+    bursts["is_fraud"] = np.int8(1)
+    bursts["fraud_scenario"] = np.int8(CARD_TESTING_SCENARIO)
+    merged = pd.concat([frame.drop(columns="transaction_id"), bursts], ignore_index=True)
+    # The Handbook's order (time, then customer); at a tie a burst row comes after the others.
+    is_burst = np.arange(len(merged)) >= len(frame)
+    order = np.lexsort((is_burst, merged["customer_id"].to_numpy(), merged["event_time_us"].to_numpy()))
+    merged = merged.iloc[order].reset_index(drop=True)
+    merged.insert(0, "transaction_id", np.arange(len(merged), dtype=np.int64))
+    return merged
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
@@ -240,7 +365,23 @@ class LiveStream:
         }
 
     def batch(self, n: int, now_us: int | None = None) -> list[Transaction]:
-        cols = self.batch_arrays(n, now_us)
+        return self._transactions(self.batch_arrays(n, now_us))
+
+    def card_testing_burst(self, customer: int | None = None, start_us: int | None = None) -> list[Transaction]:
+        """A scenario-4 burst (``card_testing_burst``) on ``customer``'s card (default: a random
+        card that transacts) from ``start_us`` (default now), for demos and tests of the burst."""
+        p = self.population
+        if customer is None:
+            customer = int(self.rng.choice(np.flatnonzero((p.reach_counts > 0) & (p.mean_daily_tx > 0))))
+        start = time.time_ns() // 1000 if start_us is None else start_us
+        cols = card_testing_burst(self.rng, p.n_terminals, customer, start)
+        n = len(cols["amount"])
+        cols["transaction_id"] = np.arange(self._next_id, self._next_id + n)
+        self._next_id += n
+        return self._transactions(cols)
+
+    @staticmethod
+    def _transactions(cols: dict[str, np.ndarray]) -> list[Transaction]:
         return [
             Transaction(transaction_id=f"live-{i}", customer_id=c, terminal_id=t, amount=a, event_time_us=ts)
             for i, c, t, a, ts in zip(
