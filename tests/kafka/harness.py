@@ -152,7 +152,8 @@ def decided_ids(messages: list[Message]) -> set[str]:
 
 
 # Small enough to simulate and materialize in seconds, big enough for a real population.
-SIM = SimulatorConfig(n_customers=400, n_terminals=800, n_days=45, seed=7)
+# The history ends now: live events are stamped now, and windows are evaluated at their time.
+SIM = SimulatorConfig.ending_now(n_customers=400, n_terminals=800, n_days=45, seed=7)
 
 
 def materialize(settings: Settings) -> None:
