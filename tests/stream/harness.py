@@ -251,3 +251,63 @@ def wait_for_store(
         time.sleep(0.5)
         problems = store_matches(settings, customers, terminals)
     return problems
+
+
+def rewind_sources(settings: Settings) -> None:
+    """Sets the job's committed offsets on its source topics back to 0 (job stopped): a
+    start then re-reads everything, which the job must recognise as replays."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+    from workers.kafka.admin import admin_client
+
+    admin = admin_client(settings.kafka)
+    metadata = admin.list_topics(timeout=10)
+    partitions = [
+        TopicPartition(topic, p, 0)
+        for topic in (settings.kafka.transactions_topic, settings.kafka.labels_topic)
+        for p in metadata.topics[topic].partitions
+    ]
+    request = ConsumerGroupTopicPartitions(settings.stream.app_id, partitions)
+    # A stopped static member stays in the group until its session times out, and offsets of
+    # a group with members cannot be changed: retry until it has left.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            (future,) = admin.alter_consumer_group_offsets([request]).values()
+            result = future.result(timeout=30)
+            errors = [tp.error for tp in result.topic_partitions if tp.error]
+            if not errors:
+                return
+        except Exception as exc:  # the broker refuses while the group is not empty
+            errors = [exc]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"could not rewind {settings.stream.app_id}: {errors}")
+        time.sleep(1)
+
+
+def metric_value(port: int, name: str, labels: dict[str, str]) -> float:
+    """One sample of a job's /metrics (0 when absent)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_for_metric(port: int, name: str, labels: dict[str, str], at_least: float, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    value = 0.0
+    while time.monotonic() < deadline:
+        try:
+            value = metric_value(port, name, labels)
+        except OSError:
+            value = 0.0
+        if value >= at_least:
+            return value
+        time.sleep(0.5)
+    return value

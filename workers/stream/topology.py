@@ -44,7 +44,6 @@ import numpy as np
 
 from workers import codec, metrics
 from workers.errors import InvalidEvent
-from workers.features import history
 from workers.settings import Settings
 from workers.stream import state
 from workers.stream.sink import StoreSink
@@ -104,7 +103,6 @@ def build_app(settings: Settings) -> faust.App:
         "web_host": "127.0.0.1",
         "table_standby_replicas": 0,
         "topic_replication_factor": 1,
-        "stream_wait_empty": False,
     }
     if stream.instance_id:
         options["consumer_group_instance_id"] = stream.instance_id
@@ -167,6 +165,12 @@ class FeatureJob:
         self._recovered = asyncio.Event()
         self._state_bytes = {"customer": 0, "terminal": 0}
         self._state_entities = {"customer": 0, "terminal": 0}
+        self._consumed_topics = {
+            settings.kafka.transactions_topic,
+            settings.kafka.labels_topic,
+            by_customer_topic(settings),
+            by_terminal_topic(settings),
+        }
         self._register()
 
     # --- wiring ---------------------------------------------------------------------------------
@@ -188,57 +192,62 @@ class FeatureJob:
     # --- stage 1: split sources into per-partition batches --------------------------------------
 
     async def _split_transactions(self, stream) -> None:
-        async for events in stream.take_events(self._batch_max, self._slice_s):
-            customers: dict[int, list[state.CustomerEvent]] = defaultdict(list)
-            terminals: dict[int, list[state.TerminalEvent]] = defaultdict(list)
-            for event in events:
-                message = event.message
-                try:
-                    tx = codec.decode_transaction(message.value, codec.content_type_of(message.headers))
-                except InvalidEvent:
-                    _EVENTS["transaction", "invalid"].inc()  # the scoring worker dead-letters it
-                    continue
-                source = state.transaction_source(message.partition)
-                customers[state.partition_of(tx.customer_id, self._partitions)].append(
-                    state.CustomerEvent(
-                        tx.customer_id,
-                        tx.event_time_us,
-                        int(history.amount_cents(tx.amount)),
-                        tx.terminal_id,
-                        source,
-                        message.offset,
-                    )
-                )
-                terminals[state.partition_of(tx.terminal_id, self._partitions)].append(
-                    state.TerminalEvent(tx.terminal_id, tx.event_time_us, source, message.offset)
-                )
-            self.counts.transactions += len(events)
-            await self._forward(self.by_customer, customers)
-            await self._forward(self.by_terminal, terminals)
+        await _in_slices(stream, self._batch_max, self._slice_s, self._forward_transactions)
 
     async def _split_labels(self, stream) -> None:
-        async for events in stream.take_events(self._batch_max, self._slice_s):
-            terminals: dict[int, list[state.TerminalEvent]] = defaultdict(list)
-            for event in events:
-                message = event.message
-                try:
-                    label = codec.decode_label(message.value, codec.content_type_of(message.headers))
-                except InvalidEvent as exc:
-                    await self._dead_letter(message, exc)
-                    continue
-                terminals[state.partition_of(label.terminal_id, self._partitions)].append(
-                    state.TerminalEvent(
-                        label.terminal_id,
-                        label.event_time_us,
-                        state.label_source(message.partition),
-                        message.offset,
-                        label.transaction_id,
-                        label.is_fraud,
-                        label.label_time_us,
-                    )
+        await _in_slices(stream, self._batch_max, self._slice_s, self._forward_labels)
+
+    async def _forward_transactions(self, events: list) -> None:
+        customers: dict[int, list[state.CustomerEvent]] = defaultdict(list)
+        terminals: dict[int, list[state.TerminalEvent]] = defaultdict(list)
+        for event in events:
+            message = event.message
+            try:
+                tx = codec.decode_transaction(message.value, codec.content_type_of(message.headers))
+            except InvalidEvent:
+                _EVENTS["transaction", "invalid"].inc()  # the scoring worker dead-letters it
+                continue
+            source = state.transaction_source(message.partition)
+            customers[state.partition_of(tx.customer_id, self._partitions)].append(
+                state.CustomerEvent(
+                    tx.customer_id,
+                    tx.event_time_us,
+                    # round() is numpy's rint on one float (half to even): history.amount_cents
+                    round(tx.amount * 100),
+                    tx.terminal_id,
+                    source,
+                    message.offset,
                 )
-            self.counts.labels += len(events)
-            await self._forward(self.by_terminal, terminals)
+            )
+            terminals[state.partition_of(tx.terminal_id, self._partitions)].append(
+                state.TerminalEvent(tx.terminal_id, tx.event_time_us, source, message.offset)
+            )
+        self.counts.transactions += len(events)
+        await self._forward(self.by_customer, customers)
+        await self._forward(self.by_terminal, terminals)
+
+    async def _forward_labels(self, events: list) -> None:
+        terminals: dict[int, list[state.TerminalEvent]] = defaultdict(list)
+        for event in events:
+            message = event.message
+            try:
+                label = codec.decode_label(message.value, codec.content_type_of(message.headers))
+            except InvalidEvent as exc:
+                await self._dead_letter(message, exc)
+                continue
+            terminals[state.partition_of(label.terminal_id, self._partitions)].append(
+                state.TerminalEvent(
+                    label.terminal_id,
+                    label.event_time_us,
+                    state.label_source(message.partition),
+                    message.offset,
+                    label.transaction_id,
+                    label.is_fraud,
+                    label.label_time_us,
+                )
+            )
+        self.counts.labels += len(events)
+        await self._forward(self.by_terminal, terminals)
 
     async def _forward(self, topic, batches: dict[int, list]) -> None:
         for partition, batch in batches.items():
@@ -357,10 +366,57 @@ class FeatureJob:
             metrics.STREAM_STATE_ENTITIES.labels(kind).set(self._state_entities[kind])
         consumer = self.app.consumer
         for tp in consumer.assignment():
+            if tp.topic not in self._consumed_topics:
+                continue  # changelogs are read only while recovering; faust's leader topic never
             position = await consumer.position(tp)
             highwater = consumer.highwater(tp)
             if position is not None and highwater is not None:
                 metrics.STREAM_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+
+async def _in_slices(stream, batch_max: int, slice_s: float, handle) -> None:
+    """Calls ``handle(events)`` with up to ``batch_max`` events, at least once per ``slice_s``
+    while events wait; acks them only after ``handle`` returned (so a crash re-reads them).
+
+    Not faust's ``take_events``: after a rebalance that moved partitions away, a process's
+    ``take_events`` agent stopped for good (no error; its remaining source partitions were never
+    committed again, measured with two processes). This iterates events one by one, which
+    faust handles through rebalances, and a timer flushes a slice that no next event closes.
+    """
+    # Acks by hand, as take_events does: an event is acked once its batch is forwarded.
+    stream.enable_acks = False
+    acking = stream
+    buffer: list = []
+    lock = asyncio.Lock()
+    loop = asyncio.get_running_loop()
+    started = 0.0
+
+    async def flush() -> None:
+        nonlocal buffer
+        async with lock:
+            events, buffer = buffer, []
+            if not events:
+                return
+            await handle(events)
+            for event in events:
+                await acking.ack(event)
+
+    async def flush_on_time() -> None:
+        while True:
+            await asyncio.sleep(slice_s)
+            if buffer and loop.time() - started >= slice_s:
+                await flush()
+
+    timer = asyncio.create_task(flush_on_time())
+    try:
+        async for event in acking.events():
+            if not buffer:
+                started = loop.time()
+            buffer.append(event)
+            if len(buffer) >= batch_max or loop.time() - started >= slice_s:
+                await flush()
+    finally:
+        timer.cancel()
 
 
 def _count_terminal(applied: state.Applied) -> None:
