@@ -118,39 +118,36 @@ def run_echo_server(port: int, processes: int) -> None:
 
 
 def seed_features(settings) -> None:
-    """Synthetic but plausible features for every benchmark entity, via RedisOnlineStore."""
+    """Plausible raw state for every benchmark entity (a month of ~2 transactions a day per
+    customer, 38 day tiles per terminal), written in Feast's layout by the stream job's writer."""
     # Before any Feast import: importing Feast sets PROMETHEUS_MULTIPROC_DIR, which the service
     # started next would inherit (every metric update an mmap write, see workers/features/store.py);
     # the package's store module imports Feast and undoes it.
     importlib.import_module("workers.features.store")
     import numpy as np
-    from feast.infra.online_stores.redis import RedisOnlineStore
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
 
-    from workers.features import definitions as d
-    from workers.features.store import mark_loaded, repo_config, repo_objects
+    from workers.features import history as h
+    from workers.features.store import mark_loaded
+    from workers.features.writer import FeatureWriter
+    from workers.records import US_PER_DAY
 
-    config = repo_config(settings)
-    objects = repo_objects(ROOT / ".stack" / "bench-unused")
     rng = np.random.default_rng(7)
-    now = datetime.now(UTC)
-    store = RedisOnlineStore()
-    for view, join_key, names, count in (
-        (objects.customer_view, d.CUSTOMER_JOIN_KEY, d.CUSTOMER_FEATURES, CUSTOMERS),
-        (objects.terminal_view, d.TERMINAL_JOIN_KEY, d.TERMINAL_FEATURES, TERMINALS),
-    ):
-        values = rng.uniform(0, 60, size=(count, len(names))).astype(np.float32)
-        rows = [
-            (
-                EntityKey(join_keys=[join_key], entity_values=[Value(int64_val=i)]),
-                {name: Value(float_val=float(v)) for name, v in zip(names, values[i])},
-                now,
-                None,
-            )
-            for i in range(count)
-        ]
-        store.online_write_batch(config, view, rows, progress=None)
+    now_us = int(datetime.now(UTC).timestamp() * 1e6)
+    writer = FeatureWriter(settings)
+    customers = {}
+    for customer in range(CUSTOMERS):
+        times = np.sort(rng.integers(now_us - 30 * US_PER_DAY, now_us - 60_000_000, 60))
+        events = h.customer_events(times, rng.uniform(5, 120, 60).round(2), rng.integers(0, TERMINALS, 60))
+        customers[customer] = (h.pack(events), int(times[-1]))
+    today = now_us // US_PER_DAY
+    terminals = {}
+    for terminal in range(TERMINALS):
+        days = np.arange(today - h.TERMINAL_RETENTION_DAYS + 1, today + 1)
+        tx = rng.integers(1, 40, len(days))
+        tiles = h.terminal_tiles(days, tx, rng.binomial(tx, 0.01))
+        terminals[terminal] = (h.pack(tiles), now_us)
+    writer.write(customers, terminals)
+    writer.close()
     mark_loaded(settings, "grpc_bench")  # without the watermark the service would answer FEATURES_LOST
 
 

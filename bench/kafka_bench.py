@@ -161,7 +161,9 @@ def floors(settings: Settings, batch_sizes: list[int], repeats: int) -> dict:
         cols = stream.batch_arrays(size)
         features = np.random.default_rng(0).random((size, d.N_FEATURES), dtype=np.float32)
         onnx_s = _median_time(lambda features=features: session.run(None, {"features": features}), repeats)
-        redis_s = _median_time(lambda cols=cols: reader.read(cols["customer_id"], cols["terminal_id"]), repeats)
+        redis_s = _median_time(
+            lambda cols=cols: reader.read(cols["customer_id"], cols["terminal_id"], cols["event_time_us"]), repeats
+        )
         result["batches"][size] = {
             "onnx_ms": onnx_s * 1e3,
             "redis_read_ms": redis_s * 1e3,

@@ -222,8 +222,9 @@ GRPC_ACTIVE_STREAMS = Gauge("fraudscore_grpc_active_streams", "Open ScoreStream 
 # --- tracing ------------------------------------------------------------------------
 TRACES = Counter(
     "fraudscore_traces_total",
-    "Decisions chosen for a trace (workers/tracing.py), by result: written, or dropped by the "
-    "rate limit (tracing.max_traces_per_s) or because the span writer was behind.",
+    "Decisions chosen for a trace (workers/tracing.py), by result: written (exported), or dropped "
+    "by the rate limit (tracing.max_traces_per_s), because the span writer was behind, or because "
+    "the collector refused or did not answer the export (export_failed).",
     ["result"],
 )
 

@@ -57,17 +57,21 @@ class EntityFeatures:
     # Whether the store held each entity; None when a reader cannot say (not counted in the miss rate).
     customer_found: np.ndarray | None = None
     terminal_found: np.ndarray | None = None
+    # Rows whose stored state could not be read (a corrupt value): their features are defaults
+    # and must not be scored; the engine answers them degraded. None: every row is usable.
+    unreadable: np.ndarray | None = None
 
 
 class FeatureReader(Protocol):
-    """The online store as the engine sees it. ``FeaturesLost`` means "the store lost its
-    data", any other ``FeaturesUnavailable`` "no answer" (``workers.errors``).
+    """The online store as the engine sees it: row i's features evaluated at
+    ``event_time_us[i]`` (nothing at or after it counts). ``FeaturesLost`` means "the store
+    lost its data", any other ``FeaturesUnavailable`` "no answer" (``workers.errors``).
 
     Optional, used where present: ``warm_up()``, run once on each engine thread before it
     takes traffic; ``check()``, a probe that reads no features (else one row is read).
     """
 
-    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures: ...
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray, event_time_us: np.ndarray) -> EntityFeatures: ...
 
 
 class Engine(Protocol):

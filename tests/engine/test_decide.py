@@ -51,6 +51,8 @@ def test_thresholds_must_be_ordered() -> None:
         ({"terminal_risk_7d": 0.5}, "RISKY_TERMINAL"),
         ({"terminal_risk_30d": 0.3}, "RISKY_TERMINAL"),
         ({"customer_nb_tx_1d": 12.0}, "TRANSACTION_BURST"),
+        ({"customer_nb_tx_10min": 3.0}, "HIGH_VELOCITY"),
+        ({"customer_nb_terminals_1h": 3.0}, "HIGH_VELOCITY"),
         ({"tx_during_night": 1.0}, "NIGHT_TIME"),
         ({"tx_amount": 300.0}, "LARGE_AMOUNT"),
         ({"customer_nb_tx_30d": 0.0, "customer_avg_amount_30d": 0.0}, "NEW_CUSTOMER"),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.onnx_models import expected_score, write_model
+from tests.rpc.harness import USUAL_CUSTOMER
 from workers.engine.engine import ScoringEngine
 from workers.engine.models import ModelHolder, ModelRegistry, ServingModel
 from workers.engine.scoring import Router, SessionPool
@@ -26,19 +27,25 @@ WAIT_S = 10.0
 class FixedReader:
     """Every customer has 30 days of ordinary history; every terminal is clean."""
 
-    def __init__(self) -> None:
+    def __init__(self, unreadable_customers: tuple[int, ...] = ()) -> None:
         self.calls: list[int] = []
+        self.unreadable_customers = unreadable_customers  # rows whose stored state is corrupt
 
-    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures:
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray, event_time_us: np.ndarray) -> EntityFeatures:
         self.calls.append(len(customer_ids))
         n = len(customer_ids)
-        customer = np.tile(np.array([1, 50, 14, 50, 60, 50], dtype=np.float32), (n, 1))
+        customer = np.tile(USUAL_CUSTOMER, (n, 1))
         assert customer.shape[1] == len(CUSTOMER_FEATURES)
-        return EntityFeatures(customer, np.zeros((n, len(TERMINAL_FEATURES)), dtype=np.float32))
+        unreadable = np.isin(customer_ids, list(self.unreadable_customers))
+        return EntityFeatures(
+            customer,
+            np.zeros((n, len(TERMINAL_FEATURES)), dtype=np.float32),
+            unreadable=unreadable if unreadable.any() else None,
+        )
 
 
 class FailingReader:
-    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures:
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray, event_time_us: np.ndarray) -> EntityFeatures:
         raise ConnectionError("redis down")
 
 
@@ -50,10 +57,10 @@ class GatedReader(FixedReader):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures:
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray, event_time_us: np.ndarray) -> EntityFeatures:
         self.entered.set()
         assert self.release.wait(WAIT_S)
-        return super().read(customer_ids, terminal_ids)
+        return super().read(customer_ids, terminal_ids, event_time_us)
 
 
 class BrokenRunner:
@@ -125,6 +132,30 @@ def test_end_to_end_decisions_in_request_order(settings: Settings) -> None:
         assert "LARGE_AMOUNT" in big.reason_codes and "AMOUNT_FAR_ABOVE_CUSTOMER_AVG" in big.reason_codes
     finally:
         engine.stop()
+
+
+def test_rows_with_unreadable_state_are_degraded_alone_and_the_rest_is_scored(settings: Settings) -> None:
+    """A corrupt stored value fails the rows that use it, not the batch (``EntityFeatures.unreadable``)."""
+    engine = running(ScoringEngine.from_settings(settings, FixedReader(unreadable_customers=(1, 3)), executors=1))
+    amounts = [100.0, 5000.0, 30.0, 400.0]
+    try:
+        collector = Collector()
+        assert engine.submit(txns(amounts, tag="u"), far(), Priority.SYNC, collector)
+        decisions, timing = collector.get()
+    finally:
+        engine.stop()
+    assert [d.transaction_id for d in decisions] == ["u0", "u1", "u2", "u3"]
+    for i in (0, 2):
+        scored = decisions[i]
+        assert not scored.degraded and scored.model_version == "mlp-v3"
+        assert scored.score == pytest.approx(expected_score(amounts[i]), abs=1e-6)
+    for i in (1, 3):
+        degraded = decisions[i]
+        assert degraded.degraded and degraded.degraded_cause is DegradedCause.FEATURES_UNAVAILABLE
+        assert degraded.model_version == "rules-v1" and "unreadable" in degraded.degraded_detail
+    # Without features the rules go by the amount alone: 5,000 declines, 400 reviews.
+    assert [decisions[1].outcome, decisions[3].outcome] == [Outcome.DECLINE, Outcome.REVIEW]
+    assert timing.device == "cpu"
 
 
 def test_reader_failure_gives_features_unavailable_and_engine_keeps_going(settings: Settings) -> None:

@@ -14,10 +14,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.onnx_models import write_model
+from tests.rpc.harness import USUAL_CUSTOMER
 from workers.engine.engine import ScoringEngine
 from workers.engine.store_health import UNREACHABLE_AFTER, StoreHealth, StoreProbe, StoreState, probe_once, state_after
 from workers.errors import FeaturesLost, FeaturesUnavailable
-from workers.features.definitions import CUSTOMER_FEATURES, TERMINAL_FEATURES
+from workers.features.definitions import TERMINAL_FEATURES
 from workers.records import DegradedCause, Outcome, Transaction
 from workers.settings import EngineSettings, ModelSettings, Settings
 from workers.types import EntityFeatures, Priority
@@ -164,11 +165,11 @@ class SwitchableReader:
         self.warmed_on: list[str] = []
         self.checks = 0
 
-    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures:
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray, event_time_us: np.ndarray) -> EntityFeatures:
         if self.failure is not None:
             raise self.failure
         n = len(customer_ids)
-        customer = np.tile(np.array([1, 50, 14, 50, 60, 50], dtype=np.float32), (n, 1))
+        customer = np.tile(USUAL_CUSTOMER, (n, 1))
         return EntityFeatures(
             customer, np.zeros((n, len(TERMINAL_FEATURES)), dtype=np.float32), customer_ids != 0, np.ones(n, dtype=bool)
         )
@@ -180,10 +181,7 @@ class SwitchableReader:
 
     def warm_up(self) -> None:
         self.warmed_on.append(threading.current_thread().name)
-        self.read(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
-
-
-assert len(CUSTOMER_FEATURES) == 6
+        self.read(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
 
 
 @pytest.fixture

@@ -7,24 +7,29 @@ Workers run as separate ``python -m workers serve`` processes configured through
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from confluent_kafka import Consumer, Message, Producer
 
 from workers import codec
 from workers.kafka.config import connection_config
+from workers.kafka.worker import KafkaWorker
 from workers.offline.simulator import LiveStream, SimulatorConfig
 from workers.proto.fraud.v1 import fraud_pb2
 from workers.records import Transaction
 from workers.settings import REPO_ROOT, KafkaSettings, Settings
+from workers.types import EntityFeatures
 
 
 def worker_env(kafka: KafkaSettings, feast_env: dict[str, str], **extra: str) -> dict[str, str]:
@@ -180,3 +185,57 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class RecordingReader:
+    """The real reader, keeping what each read returned: the features the engine scored with
+    (the engine assembles them with ``definitions.assemble``, the training path's function)."""
+
+    def __init__(self, reader) -> None:
+        self._reader = reader
+        self._lock = threading.Lock()
+        self.reads: list[tuple[np.ndarray, np.ndarray, np.ndarray, EntityFeatures]] = []
+
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray, event_time_us: np.ndarray) -> EntityFeatures:
+        entity = self._reader.read(customer_ids, terminal_ids, event_time_us)
+        with self._lock:
+            self.reads.append((customer_ids.copy(), terminal_ids.copy(), event_time_us.copy(), entity))
+        return entity
+
+    def __getattr__(self, name: str):
+        return getattr(self._reader, name)  # check, warm_up
+
+    def entity_rows(self) -> dict[tuple[int, int, int], np.ndarray]:
+        """(customer, terminal, event time) -> the customer and terminal features read for it."""
+        rows = {}
+        with self._lock:
+            for customers, terminals, times, entity in self.reads:
+                blocks = np.concatenate([entity.customer, entity.terminal], axis=1)
+                for key, row in zip(zip(customers.tolist(), terminals.tolist(), times.tolist()), blocks):
+                    rows[key] = row
+        return rows
+
+
+@contextlib.contextmanager
+def worker_in_process(settings: Settings, reader) -> Iterator[KafkaWorker]:
+    """The Kafka worker of ``fraudscore serve`` (real consumer, engine, producer) on a thread of
+    this process, scoring with ``reader``; drained and stopped on exit."""
+    from workers.engine.engine import ScoringEngine
+
+    engine = ScoringEngine.from_settings(settings, reader)
+    engine.start()
+    engine.warm_up()
+    worker = KafkaWorker(
+        settings.kafka,
+        engine,
+        max_chunk_rows=settings.engine.max_batch_size,
+        budget_ms=settings.kafka.decision_budget_ms,
+    )
+    thread = threading.Thread(target=worker.run, name="kafka-worker", daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(60)
+        engine.stop(drain=True)

@@ -50,7 +50,8 @@ def _offline_scores(settings: Settings, txns: list[Transaction]) -> np.ndarray:
     reader = FeastSdkReader(settings)
     customer_ids = np.array([t.customer_id for t in txns], dtype=np.int64)
     terminal_ids = np.array([t.terminal_id for t in txns], dtype=np.int64)
-    entity = reader.read(customer_ids, terminal_ids)
+    event_times = np.array([t.event_time_us for t in txns], dtype=np.int64)
+    entity = reader.read(customer_ids, terminal_ids, event_times)
     matrix = d.assemble(
         np.array([t.amount for t in txns]), np.array([t.event_time_us for t in txns]), entity.customer, entity.terminal
     )

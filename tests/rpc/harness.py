@@ -34,7 +34,7 @@ _USUAL = {
     "customer_nb_tx_30d": 60,
     "customer_seconds_since_prev": 36_000,
 }
-_USUAL_CUSTOMER = np.array(
+USUAL_CUSTOMER = np.array(
     [_USUAL.get(name, 50.0 if "avg_amount" in name else 0.0) for name in CUSTOMER_FEATURES], dtype=np.float32
 )
 
@@ -47,7 +47,7 @@ class SlowReader:
         self.delay_all_s = delay_all_s
         self.gate = threading.Event()
 
-    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray) -> EntityFeatures:
+    def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray, event_time_us: np.ndarray) -> EntityFeatures:
         if self.delay_all_s:
             time.sleep(self.delay_all_s)
         if SLOW_CUSTOMER in customer_ids:
@@ -55,7 +55,7 @@ class SlowReader:
         if GATED_CUSTOMER in customer_ids:
             self.gate.wait(10.0)
         n = len(customer_ids)
-        customer = np.tile(_USUAL_CUSTOMER, (n, 1))
+        customer = np.tile(USUAL_CUSTOMER, (n, 1))
         return EntityFeatures(customer, np.zeros((n, len(TERMINAL_FEATURES)), dtype=np.float32))
 
 

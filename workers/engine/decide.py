@@ -28,6 +28,9 @@ AMOUNT_OVER_AVG_RATIO = 3.0
 RISKY_TERMINAL_RATIO = 0.1
 BURST_FACTOR = 3.0  # today's count vs. the 30-day daily average
 BURST_MIN_TX = 3.0
+# Card testing: several purchases within minutes, or a card hopping terminals within the hour.
+VELOCITY_10MIN_TX = 3.0
+VELOCITY_TERMINALS_1H = 3.0
 
 # Reason codes, in the order they are reported.
 REASON_CODES: tuple[str, ...] = (
@@ -36,6 +39,7 @@ REASON_CODES: tuple[str, ...] = (
     "AMOUNT_FAR_ABOVE_CUSTOMER_AVG",
     "RISKY_TERMINAL",
     "TRANSACTION_BURST",
+    "HIGH_VELOCITY",
     "NEW_CUSTOMER",
     "NIGHT_TIME",
 )
@@ -91,6 +95,10 @@ def feature_reason_mask(features: np.ndarray) -> np.ndarray:
     nb_1d = f[:, _F["customer_nb_tx_1d"]]
     burst = nb_1d >= np.maximum(BURST_MIN_TX, BURST_FACTOR * daily_avg)
     mask |= burst * _BIT["TRANSACTION_BURST"]
+    fast = (f[:, _F["customer_nb_tx_10min"]] >= VELOCITY_10MIN_TX) | (
+        f[:, _F["customer_nb_terminals_1h"]] >= VELOCITY_TERMINALS_1H
+    )
+    mask |= fast * _BIT["HIGH_VELOCITY"]
     mask |= ~has_history * _BIT["NEW_CUSTOMER"]
     mask |= (f[:, _F["tx_during_night"]] > 0.5) * _BIT["NIGHT_TIME"]
     return mask
@@ -122,7 +130,7 @@ def fallback(
 
     Without features: amount >= VERY_LARGE_AMOUNT declines, >= LARGE_AMOUNT reviews.
     With features, a large amount also declines when another risk signal backs it (far
-    above the customer's average, risky terminal, burst), and any of those signals alone
+    above the customer's average, risky terminal, burst, velocity), and any of those signals alone
     reviews.
     """
     if features is not None:
@@ -131,7 +139,12 @@ def fallback(
     else:
         amount = np.fromiter((t.amount for t in txns), dtype=np.float64, count=len(txns))
         mask = (amount >= LARGE_AMOUNT) * _BIT["LARGE_AMOUNT"]
-    corroborating = _BIT["AMOUNT_FAR_ABOVE_CUSTOMER_AVG"] | _BIT["RISKY_TERMINAL"] | _BIT["TRANSACTION_BURST"]
+    corroborating = (
+        _BIT["AMOUNT_FAR_ABOVE_CUSTOMER_AVG"]
+        | _BIT["RISKY_TERMINAL"]
+        | _BIT["TRANSACTION_BURST"]
+        | _BIT["HIGH_VELOCITY"]
+    )
     risky = (mask & corroborating) != 0
     large = amount >= LARGE_AMOUNT
     outcomes = np.full(amount.shape[0], Outcome.APPROVE, dtype=np.int8)

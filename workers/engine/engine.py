@@ -11,6 +11,9 @@ event loop with ``call_soon_threadsafe``, or ``Producer.produce``), and must not
 Every read reports to ``engine.store`` (``store_health.py``): a store that does not answer
 gives FEATURES_UNAVAILABLE decisions, one that answers but has lost its data (no
 watermark) gives FEATURES_LOST ones, without features, since its "not found" is not news.
+The reader evaluates every window at each transaction's own event time; a row whose stored
+state it could not read (``EntityFeatures.unreadable``) is answered by the rules,
+FEATURES_UNAVAILABLE, and the rest of its batch is scored as usual.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from workers.engine.store_health import StoreHealth, StoreProbe, StoreState, pro
 from workers.errors import FeaturesUnavailable
 from workers.features.definitions import CUSTOMER_FEATURES, TERMINAL_FEATURES, assemble
 from workers.logs import RateLimitedLog
-from workers.records import Decision, DegradedCause, Transaction
+from workers.records import EVENT_TIME_MIN_US, Decision, DegradedCause, Transaction
 from workers.settings import EngineSettings, Settings
 from workers.types import BatchTiming, DoneCallback, EngineRequest, EntityFeatures, FeatureReader, Priority
 
@@ -43,6 +46,8 @@ _DETAIL_MAX = 200
 # While the store is down every batch fails the same way: one warning per key this often.
 _WARNING_INTERVAL_S = 10.0
 _PROBE_IDS = np.zeros(1, dtype=np.int64)
+_PROBE_TIMES = np.full(1, EVENT_TIME_MIN_US, dtype=np.int64)
+_UNREADABLE_DETAIL = "features unavailable: the stored state of this row's customer or terminal is unreadable"
 
 
 @dataclass(slots=True)
@@ -78,7 +83,7 @@ class ScoringEngine:
         # stuck executor from an idle one, which blocks on the batcher (workers/health.py).
         self._busy_since = [0.0] * self.executors
         self.store = StoreHealth()
-        probe = getattr(reader, "check", None) or (lambda: reader.read(_PROBE_IDS, _PROBE_IDS))
+        probe = getattr(reader, "check", None) or (lambda: reader.read(_PROBE_IDS, _PROBE_IDS, _PROBE_TIMES))
         self._probe = StoreProbe(self.store, probe, settings.store_probe_interval_s)
         self._warnings = RateLimitedLog(log, _WARNING_INTERVAL_S)
         self._batch_ids = itertools.count(1)  # next() is atomic under the GIL: executors share it
@@ -252,11 +257,25 @@ class ScoringEngine:
         self._respond(live, decided.decisions, stages, dequeued_ns)
 
     def _score_batch(self, txns: list[Transaction], deadline_ns: int, stages: _Stages) -> Decided:
-        model: ServingModel | None = self.models.current  # this batch finishes on this model
         started = time.perf_counter()
-        features, cause, failure = self._enrich(txns)
+        features, cause, failure, unreadable = self._enrich(txns)
+        stages.enrich_s = time.perf_counter() - started
+        decided = self._score_enriched(txns, features, cause, failure, deadline_ns, stages)
+        if unreadable is None:
+            return decided
+        return self._degrade_unreadable(txns, decided, unreadable)
+
+    def _score_enriched(
+        self,
+        txns: list[Transaction],
+        features: np.ndarray | None,
+        cause: DegradedCause,
+        failure: str,
+        deadline_ns: int,
+        stages: _Stages,
+    ) -> Decided:
+        model: ServingModel | None = self.models.current  # this batch finishes on this model
         enriched = time.perf_counter()
-        stages.enrich_s = enriched - started
         if features is None:
             return self._timed_fallback(txns, cause, failure, None, stages)
         if model is None:
@@ -274,34 +293,51 @@ class ScoringEngine:
         stages.decide_s = time.perf_counter() - decided_start
         return decided
 
-    def _enrich(self, txns: list[Transaction]) -> tuple[np.ndarray | None, DegradedCause, str]:
-        """(features, NONE, "") or (None, cause, why): one read for the whole batch, assembled vectorised."""
+    def _enrich(self, txns: list[Transaction]) -> tuple[np.ndarray | None, DegradedCause, str, np.ndarray | None]:
+        """(features, NONE, "", unreadable rows or None) or (None, cause, why, None): one read
+        for the whole batch, every window at each row's own event time, assembled vectorised."""
         n = len(txns)
         customer_ids = np.fromiter([t.customer_id for t in txns], dtype=np.int64, count=n)
         terminal_ids = np.fromiter([t.terminal_id for t in txns], dtype=np.int64, count=n)
+        event_times = np.fromiter([t.event_time_us for t in txns], dtype=np.int64, count=n)
         try:
-            entity = self.reader.read(customer_ids, terminal_ids)
+            entity = self.reader.read(customer_ids, terminal_ids, event_times)
         except FeaturesUnavailable as exc:  # the store's state, not a bug
-            return None, *self._read_failed(exc, n)
+            return None, *self._read_failed(exc, n), None
         except Exception as exc:  # a reader bug: say so loudly, and still answer every caller
             log.exception("the feature reader raised %s, which is a bug; deciding without features", type(exc).__name__)
-            return None, *self._read_failed(exc, n)
+            return None, *self._read_failed(exc, n), None
         self.store.record(StoreState.USABLE)
         _count_rows(entity, n)
         try:
             amounts = np.fromiter([t.amount for t in txns], dtype=np.float64, count=n)
-            event_times = np.fromiter([t.event_time_us for t in txns], dtype=np.int64, count=n)
             features = assemble(amounts, event_times, entity.customer, entity.terminal)
         except Exception as exc:  # rows that do not fit: the reader's bug, not the store's state
             self._warnings.warning("assemble", "features unusable for %d rows: %r", n, exc)
-            return None, DegradedCause.FEATURES_UNAVAILABLE, _detail("features unavailable", exc)
+            return None, DegradedCause.FEATURES_UNAVAILABLE, _detail("features unavailable", exc), None
         if features.shape[0] != n:
             return (
                 None,
                 DegradedCause.FEATURES_UNAVAILABLE,
                 f"reader returned {features.shape[0]} rows for {n} transactions",
+                None,
             )
-        return features, DegradedCause.NONE, ""
+        return features, DegradedCause.NONE, "", entity.unreadable
+
+    def _degrade_unreadable(self, txns: list[Transaction], decided: Decided, unreadable: np.ndarray) -> Decided:
+        """Rows whose stored state the reader could not use (a corrupt value) are answered by
+        the rules without features, FEATURES_UNAVAILABLE; the rest of the batch keeps its decisions."""
+        rows = np.flatnonzero(unreadable)
+        if not len(rows):
+            return decided
+        self._warnings.warning("unreadable", "stored state unreadable for %d of %d rows", len(rows), len(txns))
+        replaced = fallback([txns[i] for i in rows.tolist()], DegradedCause.FEATURES_UNAVAILABLE, _UNREADABLE_DETAIL)
+        decisions = list(decided.decisions)
+        for position, decision in zip(rows.tolist(), replaced.decisions):
+            decisions[position] = decision
+        outcomes = decided.outcomes.copy()
+        outcomes[rows] = replaced.outcomes
+        return Decided(decisions, outcomes)
 
     def _read_failed(self, exc: Exception, rows: int) -> tuple[DegradedCause, str]:
         """Records a failed read (state, metrics, a rate-limited warning); (cause, detail)."""

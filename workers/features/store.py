@@ -203,12 +203,13 @@ def mark_loaded(settings: Settings, source: str, **details: object) -> None:
         watermark.write(client, settings.feast.project, source, **details)
 
 
-def load_online(settings: Settings, transactions) -> FeatureStore:
-    """The end-of-history state of ``transactions`` written where the repo reads it, applied
-    and materialized: the online store then serves it (tests, benchmarks, local runs)."""
+def load_online(settings: Settings, transactions, as_of_us: int | None = None) -> FeatureStore:
+    """The end-of-history state of ``transactions`` (labels known at ``as_of_us``) written where
+    the repo reads it, applied and materialized: the online store then serves it (the
+    backfill; tests, benchmarks, local runs)."""
     from workers.features.offline import write_snapshots
 
-    write_snapshots(transactions, settings.feast.data_dir)
+    write_snapshots(transactions, settings.feast.data_dir, as_of_us)
     store = feature_store(settings)
     apply(store, settings)
     materialize(store, settings)

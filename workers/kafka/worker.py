@@ -56,6 +56,12 @@ _PAUSE_AFTER_S = 1.0
 # A broker outage repeats the same consumer error many times a second: one line per kind per interval.
 _WARN_INTERVAL_S = 10.0
 
+# What Message.headers() returns when it has some.
+_MessageHeaders = list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None]
+# A decoded chunk waiting for room in the engine queue: (chunk, txns, their messages,
+# received_ns, their callers' traceparents or None when tracing is off or no event had one).
+_Held = tuple[Chunk, list[Transaction], list[Message], int, list[str | bytes | None] | None]
+
 
 class KafkaWorker:
     def __init__(
@@ -73,8 +79,7 @@ class KafkaWorker:
         self._exactly_once = kafka.delivery == "exactly-once"
         self._encode_decision, self._decision_content_type = codec.DECISION_ENCODERS[kafka.decision_format]
         self._tracker = OffsetTracker()
-        # Decoded chunks waiting for room in the engine queue: (chunk, txns, their messages, received_ns).
-        self._backlog: deque[tuple[Chunk, list[Transaction], list[Message], int]] = deque()
+        self._backlog: deque[_Held] = deque()  # decoded chunks waiting for room in the engine queue
         self._paused = False
         self._blocked_since = 0.0  # when the engine queue started refusing the backlog head
         self._retry_s = _BACKLOG_RETRY_S
@@ -170,16 +175,23 @@ class KafkaWorker:
         chunk = self._tracker.track(topic, partition, first_offset, _position(messages[-1])[2])
         txns: list[Transaction] = []
         sources: list[Message] = []
+        # Traced: the callers' traceparents, from the header read that decoding does anyway.
+        traceparents: list[str | bytes | None] | None = [] if self._tracing is not None else None
         for message in messages:
+            headers = _headers_of(message)
             try:
-                txns.append(decode_message(message))
+                txns.append(_decode(message, headers))
             except codec.InvalidEvent as error:
                 self._dead_letter(message, chunk, error.kind, error.reason)
                 continue
             sources.append(message)
+            if traceparents is not None:
+                traceparents.append(_traceparent_in(headers) if headers else None)
         if not txns:
             return
-        self._backlog.append((chunk, txns, sources, time.monotonic_ns()))
+        # None when no event of the chunk had one: the sink then looks at no row's.
+        callers = traceparents if traceparents is not None and any(traceparents) else None
+        self._backlog.append((chunk, txns, sources, time.monotonic_ns(), callers))
         self._submit_backlog()
 
     def _submit_backlog(self) -> None:
@@ -188,8 +200,8 @@ class KafkaWorker:
         because librdkafka drops and re-fetches the prefetched messages on every resume
         (measured: pausing at each full queue cut a drain from ~67k to ~12k events/s)."""
         while self._backlog:
-            chunk, txns, sources, received_ns = self._backlog[0]
-            on_done = self._decision_callback(chunk, sources, received_ns)
+            chunk, txns, sources, received_ns, callers = self._backlog[0]
+            on_done = self._decision_callback(chunk, sources, received_ns, callers)
             if not self._engine.submit(txns, received_ns + self._budget_ns, Priority.STREAM, on_done):
                 self._blocked_since = self._blocked_since or time.monotonic()
                 self._retry_s = min(self._retry_s * 2, _BACKLOG_RETRY_MAX_S)
@@ -213,12 +225,14 @@ class KafkaWorker:
 
     # --- engine -> decisions topic -------------------------------------------------------
 
-    def _decision_callback(self, chunk: Chunk, sources: list[Message], received_ns: int) -> DoneCallback:
+    def _decision_callback(
+        self, chunk: Chunk, sources: list[Message], received_ns: int, callers: list[str | bytes | None] | None
+    ) -> DoneCallback:
         def on_decided(decisions: list[Decision], timing: BatchTiming) -> None:
             if self._tracing is None:
                 self._produce_decisions(chunk, sources, decisions)
             else:
-                self._produce_traced(chunk, sources, decisions, timing, received_ns, self._tracing)
+                self._produce_traced(chunk, sources, decisions, timing, received_ns, callers, self._tracing)
 
         return on_decided
 
@@ -252,33 +266,33 @@ class KafkaWorker:
         decisions: list[Decision],
         timing: BatchTiming,
         received_ns: int,
+        callers: list[str | bytes | None] | None,
         tracing: Tracing,
     ) -> None:
         """``_produce_decisions`` with traces: the traced decisions (sampled or degraded, see
         ``workers/tracing.py``) carry their ``traceparent`` (a header, and in the record), and
-        their spans are written once the batch's records are handed to the producer."""
-        chosen = [
-            tracing.choose(_header(source, "traceparent"), decision.degraded)
-            for source, decision in zip(sources, decisions)
-        ]
-        for decision, traced in zip(decisions, chosen):
-            if traced is not None:
-                decision.traceparent = traced.traceparent
+        their spans are written once the batch's records are handed to the producer. Most
+        batches have none: they cost the choice and nothing more."""
+        chosen = tracing.choose_batch(decisions, callers)
+        if not chosen:
+            self._produce_decisions(chunk, sources, decisions)
+            return
+        for row, traced in chosen:
+            decisions[row].traceparent = traced.traceparent
         started_ns = time.monotonic_ns()
         self._produce_decisions(chunk, sources, decisions)
         ended_ns = time.monotonic_ns()
-        for decision, traced in zip(decisions, chosen):
-            if traced is not None:
-                tracing.record(
-                    traced,
-                    decision,
-                    timing,
-                    kind=SpanKind.CONSUMER,
-                    received_ns=received_ns,
-                    sink="produce",
-                    sink_started_ns=started_ns,
-                    sink_ended_ns=ended_ns,
-                )
+        for row, traced in chosen:
+            tracing.record(
+                traced,
+                decisions[row],
+                timing,
+                kind=SpanKind.CONSUMER,
+                received_ns=received_ns,
+                sink="produce",
+                sink_started_ns=started_ns,
+                sink_ended_ns=ended_ns,
+            )
 
     def _produce_decision(self, chunk: Chunk, source: Message, decision: Decision) -> None:
         headers: list[tuple[str, str | bytes | None]] = [
@@ -454,7 +468,11 @@ class KafkaWorker:
 def decode_message(message: Message) -> Transaction:
     """The transaction a consumed message carries, or ``codec.InvalidEvent``: nothing else
     escapes, whatever its value or headers hold."""
-    return codec.decode_transaction(message.value(), _content_type(message))
+    return _decode(message, _headers_of(message))
+
+
+def _decode(message: Message, headers: _MessageHeaders | None) -> Transaction:
+    return codec.decode_transaction(message.value(), codec.content_type_of(headers))
 
 
 def _position(message: Message) -> tuple[str, int, int]:
@@ -463,22 +481,21 @@ def _position(message: Message) -> tuple[str, int, int]:
     return cast(str, message.topic()), cast(int, message.partition()), cast(int, message.offset())
 
 
-def _header(message: Message, name: str) -> str | bytes | None:
-    """One header's value (the first), or None; header bytes the client cannot read count as absent."""
+def _headers_of(message: Message) -> _MessageHeaders | None:
+    """The message's headers, read once per message; None when it has none, or header bytes
+    the client cannot turn into str (then the payload is sniffed, and there is no traceparent)."""
     try:
-        headers = message.headers()
+        return message.headers()
     except Exception:
         return None
-    pairs = headers.items() if isinstance(headers, dict) else headers or ()
-    return next((value for key, value in pairs if key == name), None)
 
 
-def _content_type(message: Message) -> str | None:
-    try:
-        headers = message.headers()
-    except Exception:  # header bytes the client cannot turn into str: sniff the payload instead
-        return None
-    return codec.content_type_of(headers)
+def _traceparent_in(headers: _MessageHeaders) -> str | bytes | None:
+    """The first ``traceparent`` header's value, or None."""
+    for key, value in headers.items() if isinstance(headers, dict) else headers:
+        if key == "traceparent":
+            return value
+    return None
 
 
 # Delivery errors that no retry can cure: the record itself is refused.
