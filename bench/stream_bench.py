@@ -134,6 +134,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--customers", type=int, default=5_000)
     parser.add_argument("--terminals", type=int, default=10_000)
+    # Each slice sends up to 2 x partitions repartition messages, each ~1.5 ms of faust CPU:
+    # at a live rate that per-message cost, not the events, is what saturates the job.
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--slice-ms", type=float, default=20.0)
     args = parser.parse_args()
 
     base = load_settings()
@@ -141,7 +145,8 @@ def main() -> int:
     topics = default_topics(kafka)
     ensure_topics(kafka, topics)
     tmp = Path(tempfile.mkdtemp(prefix="stream-bench-"))
-    job = h.job_settings(base, kafka, tmp, partitions=6)
+    job = h.job_settings(base, kafka, tmp, partitions=args.partitions)
+    job = job.model_copy(update={"stream": job.stream.model_copy(update={"slice_ms": args.slice_ms})})
     rng = random.Random(0)
     producer = Producer({**connection_config(kafka, "bench"), "linger.ms": 5, "acks": "all"})
     start_us = int(time.time() * US_PER_SECOND) - args.replay * 1_000_000
@@ -153,7 +158,13 @@ def main() -> int:
     env = h.job_env(job, "bench")
     port = int(env["FRAUDSCORE_METRICS__STREAM_PORT"])
     worker = h.start_job(env, tmp / "job.log")
-    result: dict = {"replay_events": args.replay, "customers": args.customers, "terminals": args.terminals}
+    result: dict = {
+        "replay_events": args.replay,
+        "customers": args.customers,
+        "terminals": args.terminals,
+        "partitions": args.partitions,
+        "slice_ms": args.slice_ms,
+    }
     try:
         cpu_before = None
         first, done = None, None
