@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 
 from workers.errors import InvalidEvent
 from workers.proto.fraud.v1 import fraud_pb2
-from workers.records import Decision, DegradedCause, Outcome, Transaction
+from workers.records import Decision, DegradedCause, FraudLabel, Outcome, Transaction
 
 # Far above any real transaction event (a few hundred bytes); bigger payloads are rejected
 # before parsing so a hostile producer cannot make the worker parse megabytes.
@@ -264,3 +264,100 @@ DECISION_ENCODERS = {
 
 def decode_decision_json(payload: bytes) -> DecisionMessage:
     return msgspec.json.decode(payload, type=DecisionMessage)
+
+
+# --- fraud labels (``fraud-labels`` topic, read by the stream feature job) ----------------------
+
+_label_json_decoder = msgspec.json.Decoder(FraudLabel)
+_LABEL_FIELD_TOKENS = tuple(f'"{name}"'.encode() for name in FraudLabel.__struct_fields__)
+_REQUIRED_LABEL_PROTO_FIELDS = ("customer_id", "terminal_id", "event_time_us", "is_fraud", "label_time_us")
+
+
+def decode_label(payload: bytes | None, content_type: str | None = None) -> FraudLabel:
+    """Parses and validates one fraud label, or raises ``InvalidEvent`` saying why not; the
+    same screens and reasons as ``decode_transaction`` (format by header, else sniffed), plus
+    ``label-before-event``. Nothing else escapes: a bad label goes to the labels' DLQ."""
+    if payload is None:
+        raise InvalidEvent("tombstone", "the message value is null")
+    if not payload:
+        raise InvalidEvent("empty", "the message value is empty")
+    if len(payload) > MAX_EVENT_BYTES:
+        raise InvalidEvent("too-large", f"{len(payload)} bytes, the limit is {MAX_EVENT_BYTES}")
+    try:
+        if content_type == PROTOBUF_CONTENT_TYPE or (content_type is None and not _looks_like_json(payload)):
+            label = _decode_label_protobuf(payload)
+        else:
+            label = _decode_label_json(payload)
+    except InvalidEvent:
+        raise
+    except RecursionError:
+        raise InvalidEvent("too-deep", "nested deeper than the decoder's recursion limit") from None
+    except UnicodeError as exc:
+        raise InvalidEvent("invalid-utf8", _clip(str(exc))) from None
+    except Exception as exc:  # whatever a decoder raises, the label must still end somewhere
+        raise InvalidEvent("undecodable", _clip(f"{type(exc).__name__}: {exc}")) from None
+    if label.label_time_us < label.event_time_us:
+        raise InvalidEvent("label-before-event", "label_time_us is earlier than the transaction's event_time_us")
+    return label
+
+
+def _decode_label_json(payload: bytes) -> FraudLabel:
+    try:
+        label = _label_json_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent("schema", _clip(str(exc))) from None
+    except msgspec.DecodeError as exc:
+        kind = "invalid-utf8" if "utf-8" in str(exc).lower() else "malformed-json"
+        raise InvalidEvent(kind, _clip(str(exc))) from None
+    if b"\\" in payload or any(payload.count(token) > 1 for token in _LABEL_FIELD_TOKENS):
+        _reject_repeated_label_fields(payload)
+    return label
+
+
+def _reject_repeated_label_fields(payload: bytes) -> None:
+    def check_object(pairs: list[tuple[str, object]]) -> dict:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen and key in FraudLabel.__struct_fields__:
+                raise InvalidEvent("schema", f"field {key!r} appears more than once")
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(payload, object_pairs_hook=check_object)
+
+
+def _decode_label_protobuf(payload: bytes) -> FraudLabel:
+    message = fraud_pb2.FraudLabel()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError as exc:
+        raise InvalidEvent("malformed-protobuf", _clip(str(exc)) or "not a fraud.v1.FraudLabel") from None
+    missing = [name for name in _REQUIRED_LABEL_PROTO_FIELDS if not message.HasField(name)]
+    if missing:
+        raise InvalidEvent("schema", f"required field(s) not set: {', '.join(missing)}")
+    fields = {name: getattr(message, name) for name in FraudLabel.__struct_fields__}
+    try:
+        return msgspec.convert(fields, FraudLabel)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent("schema", _clip(str(exc))) from None
+
+
+def encode_label_json(label: FraudLabel) -> bytes:
+    return _json_encoder.encode(label)
+
+
+def encode_label_proto(label: FraudLabel) -> bytes:
+    return fraud_pb2.FraudLabel(
+        transaction_id=label.transaction_id,
+        customer_id=label.customer_id,
+        terminal_id=label.terminal_id,
+        event_time_us=label.event_time_us,
+        is_fraud=label.is_fraud,
+        label_time_us=label.label_time_us,
+    ).SerializeToString()
+
+
+LABEL_ENCODERS = {
+    "json": (encode_label_json, JSON_CONTENT_TYPE),
+    "protobuf": (encode_label_proto, PROTOBUF_CONTENT_TYPE),
+}

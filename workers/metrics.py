@@ -141,6 +141,61 @@ CONSUMER_LAG = Gauge(
     ["partition"],
 )
 
+# --- stream feature job (workers/stream) ----------------------------------------------
+# Event time -> the entity's new state is written in the store; up to a minute, because a
+# backlog (replay, Redis down) is exactly what this must show.
+FRESHNESS_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+FEATURE_FRESHNESS = Histogram(
+    "fraudscore_feature_freshness_seconds",
+    "Stream feature job: from an event's event time to its entity's state being written in the "
+    "online store, by entity kind (one observation per event).",
+    ["entity"],
+    buckets=FRESHNESS_BUCKETS_S,
+)
+STREAM_LAG = Gauge(
+    "fraudscore_stream_lag_messages",
+    "Stream feature job: high watermark minus consumed position, by topic and partition.",
+    ["topic", "partition"],
+)
+STREAM_STATE_ENTITIES = Gauge(
+    "fraudscore_stream_state_entities",
+    "Stream feature job: entities held in this process's tables, by entity kind.",
+    ["entity"],
+)
+STREAM_STATE_BYTES = Gauge(
+    "fraudscore_stream_state_bytes",
+    "Stream feature job: encoded state bytes in this process's tables, by entity kind.",
+    ["entity"],
+)
+STREAM_EVENTS = Counter(
+    "fraudscore_stream_events_total",
+    "Stream feature job: events by kind (transaction, label) and result: applied, replay "
+    "(already applied, skipped), late (label for a day no longer retained), invalid "
+    "(undecodable transaction; the scoring worker dead-letters it), dlq (bad label, dead-lettered).",
+    ["kind", "result"],
+)
+for _kind, _result in (
+    ("transaction", "applied"), ("transaction", "replay"), ("transaction", "invalid"),
+    ("label", "applied"), ("label", "replay"), ("label", "late"), ("label", "dlq"),
+):  # fmt: skip
+    STREAM_EVENTS.labels(_kind, _result)
+STORE_WRITES = Counter(
+    "fraudscore_stream_store_writes_total",
+    "Stream feature job: entity states written to the online store, by entity kind.",
+    ["entity"],
+)
+STORE_WRITE_ERRORS = Counter(
+    "fraudscore_stream_store_write_errors_total",
+    "Stream feature job: store writes that failed and will be retried (none is dropped).",
+)
+STORE_PENDING = Gauge(
+    "fraudscore_stream_store_pending_entities",
+    "Stream feature job: entity states waiting to be written to the online store.",
+)
+
 # --- synchronous callers: gRPC methods and REST routes, one family set each ------------
 
 

@@ -44,6 +44,21 @@ class Transaction(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=F
     currency: Currency = "EUR"
 
 
+class FraudLabel(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=False):
+    """A fraud label on an earlier transaction, as published to ``fraud-labels`` (chargebacks,
+    analysts). ``schemas/fraud-label.schema.json`` is generated from it; the stream feature job
+    (``workers.stream``) counts it in the terminal's tile of the transaction's day."""
+
+    transaction_id: NonEmptyId
+    customer_id: EntityId
+    terminal_id: EntityId
+    # The labelled transaction's event time: its UTC day names the terminal tile.
+    event_time_us: EventTimeUs
+    is_fraud: bool
+    # When the label became known; not before the transaction (checked by the decoder).
+    label_time_us: EventTimeUs
+
+
 class Outcome(enum.IntEnum):
     """Numbered as in ``fraud.v1.Outcome``."""
 
@@ -86,4 +101,12 @@ def transaction_json_schema() -> dict:
     schema = msgspec.json.schema(Transaction)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://fraudscore.local/schemas/transaction.schema.json"
+    return schema
+
+
+def fraud_label_json_schema() -> dict:
+    """The JSON Schema of the JSON form of a fraud label event."""
+    schema = msgspec.json.schema(FraudLabel)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://fraudscore.local/schemas/fraud-label.schema.json"
     return schema

@@ -26,6 +26,11 @@ class KafkaSettings(BaseModel):
     decisions_topic: str = "decisions"
     dlq_topic: str = "transactions.dlq"
     transactions_partitions: int = 6
+    # Label feedback (chargebacks, analysts) for the stream feature job; its bad events go to
+    # their own dead-letter topic (workers/stream).
+    labels_topic: str = "fraud-labels"
+    labels_dlq_topic: str = "fraud-labels.dlq"
+    labels_partitions: int = 3
     group_id: str = "fraudscore"
     # Messages fetched per consume() call: one call per batch is far cheaper than poll() per message.
     consume_batch: int = 2000
@@ -173,6 +178,8 @@ class MetricsSettings(BaseModel):
     port: int = 9108  # fraudscore serve (the Kafka worker, and gRPC too with --grpc)
     # fraudscore grpc: process i of grpc.processes serves on grpc_port + i.
     grpc_port: int = 9110
+    # fraudscore features stream (the stream feature job).
+    stream_port: int = 9120
     # /livez fails when a loop (Kafka poll, gRPC event loop) has not turned, or an engine
     # executor has been inside one batch, for this long. Above the longest legitimate pause:
     # a rebalance drains revoked partitions for up to 20 s (and keeps the loop ticking).
@@ -180,6 +187,41 @@ class MetricsSettings(BaseModel):
     # The local stack's Prometheus (scripts/stack.sh), on metrics.host; it scrapes every
     # process above (python -m workers.cli.stack_env writes its targets).
     prometheus_port: int = 9090
+
+
+class StreamSettings(BaseModel):
+    """The stream feature job (``fraudscore features stream``, ``workers/stream``)."""
+
+    # The faust app id: its consumer group, and the prefix of its repartition topics
+    # (<app_id>-by-customer, <app_id>-by-terminal) and table changelogs (<app_id>-<table>-changelog).
+    app_id: str = "fraudscore-features"
+    # Partitions of both repartition topics and of both changelogs: they must be equal, because
+    # a table's changelog partition p holds exactly the entities of repartition partition p.
+    partitions: int = 6
+    # "memory" for tests (state rebuilt from the changelog at start); "rocksdb" (rocksdict)
+    # in production: state stays on disk and a restart reads only the changelog's tail.
+    store: Literal["memory", "rocksdb"] = "rocksdb"
+    data_dir: Path = REPO_ROOT / ".stack" / "stream"
+    # faust binds its web server's port even with the web disabled: one port per process on a host.
+    web_port: int = 6066
+    # Events gathered per source batch: up to batch_max events, or what arrived within slice_ms.
+    # The slice bounds freshness (event -> store); the batch amortises faust's per-message cost.
+    slice_ms: float = 20.0
+    batch_max: int = 4000
+    # faust's default linger of 0 sent one produce request per message (~100 events/s measured).
+    producer_linger_ms: float = 10.0
+    commit_interval_s: float = 1.0
+    # A killed process's partitions move after this long (faust's default is 60 s) ...
+    session_timeout_s: float = 10.0
+    # ... or at once, when the restarted process has the same stable instance id (static
+    # membership, e.g. a StatefulSet pod name). Empty: dynamic membership.
+    instance_id: str = ""
+    # Store writes that failed (Redis down) are retried with this backoff, doubling up to the
+    # maximum; no update is dropped. Past max_pending_entities not yet written, the job stops
+    # taking new batches until the store catches up.
+    retry_initial_s: float = 0.1
+    retry_max_s: float = 2.0
+    max_pending_entities: int = 200_000
 
 
 class Settings(BaseSettings):
@@ -197,6 +239,7 @@ class Settings(BaseSettings):
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
     log_level: str = "INFO"
 
     @classmethod

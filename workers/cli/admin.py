@@ -24,7 +24,7 @@ def _config(_args: argparse.Namespace) -> int:
     return 0
 
 
-@command("topics", "create the transactions, decisions and dead-letter topics if missing")
+@command("topics", "create the transactions, decisions, fraud-labels and dead-letter topics if missing")
 def _topics(_args: argparse.Namespace) -> int:
     from workers.kafka.admin import default_topics, ensure_topics
 

@@ -1,4 +1,4 @@
-"""Data subcommands: ``simulate``, ``train``, ``features apply|materialize|all``.
+"""Data subcommands: ``simulate``, ``train``, ``features apply|materialize|all|stream``.
 
 Heavy libraries (pandas, feast, lightgbm) are imported inside the handlers.
 Data flows one way: simulate -> feature_repo/data/*.parquet -> Feast -> online store;
@@ -130,7 +130,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _features_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("apply", "materialize", "all"), help="all = apply then materialize")
+    p.add_argument(
+        "action",
+        choices=("apply", "materialize", "all", "stream"),
+        help="all = apply then materialize; stream = run the stream feature job (workers/stream)",
+    )
 
 
 @command(
@@ -140,6 +144,10 @@ def _features_args(p: argparse.ArgumentParser) -> None:
     _features_args,
 )
 def _features(args: argparse.Namespace) -> int:
+    if args.action == "stream":
+        from workers.cli.stream import run_stream_job
+
+        return run_stream_job()
     from workers.features import store as feast_store
     from workers.features.offline import snapshot_paths
 

@@ -4,6 +4,7 @@
   The ``workers/proto=schemas`` import mapping makes the generated modules import each
   other as ``workers.proto.fraud.v1`` without any post-processing.
 - ``workers.records.Transaction`` -> ``schemas/transaction.schema.json``.
+- ``workers.records.FraudLabel`` -> ``schemas/fraud-label.schema.json``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workers.records import transaction_json_schema
+from workers.records import fraud_label_json_schema, transaction_json_schema
 from workers.settings import REPO_ROOT
 
 SCHEMAS = REPO_ROOT / "schemas"
 PROTO_FILES = sorted(p.relative_to(SCHEMAS) for p in SCHEMAS.rglob("*.proto"))
 JSON_SCHEMA = SCHEMAS / "transaction.schema.json"
+LABEL_JSON_SCHEMA = SCHEMAS / "fraud-label.schema.json"
 
 
 def generate(out_root: Path = REPO_ROOT) -> list[Path]:
@@ -38,7 +40,13 @@ def generate(out_root: Path = REPO_ROOT) -> list[Path]:
     for leaf in {(proto_out / p).parent for p in PROTO_FILES}:
         for package_dir in (leaf, *leaf.relative_to(proto_out).parents):
             (proto_out / package_dir / "__init__.py").touch()
-    json_out = out_root / "schemas" / JSON_SCHEMA.name
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(transaction_json_schema(), indent=2, sort_keys=True) + "\n")
-    return [*sorted(proto_out.rglob("*.py*")), json_out]
+    json_outs = []
+    for schema_file, schema in (
+        (JSON_SCHEMA, transaction_json_schema()),
+        (LABEL_JSON_SCHEMA, fraud_label_json_schema()),
+    ):
+        json_out = out_root / "schemas" / schema_file.name
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        json_outs.append(json_out)
+    return [*sorted(proto_out.rglob("*.py*")), *json_outs]

@@ -57,6 +57,8 @@ def isolated(kafka: KafkaSettings, suffix: str) -> KafkaSettings:
             "transactions_topic": f"{kafka.transactions_topic}-{suffix}",
             "decisions_topic": f"{kafka.decisions_topic}-{suffix}",
             "dlq_topic": f"{kafka.dlq_topic}-{suffix}",
+            "labels_topic": f"{kafka.labels_topic}-{suffix}",
+            "labels_dlq_topic": f"{kafka.labels_dlq_topic}-{suffix}",
             "group_id": f"{kafka.group_id}-{suffix}",
         }
     )
@@ -67,6 +69,8 @@ def default_topics(kafka: KafkaSettings) -> dict[str, int]:
         kafka.transactions_topic: kafka.transactions_partitions,
         kafka.decisions_topic: kafka.transactions_partitions,
         kafka.dlq_topic: 1,
+        kafka.labels_topic: kafka.labels_partitions,
+        kafka.labels_dlq_topic: 1,
     }
 
 

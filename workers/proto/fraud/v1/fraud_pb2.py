@@ -24,33 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"workers/proto/fraud/v1/fraud.proto\x12\x08\x66raud.v1\"\xd9\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x18\n\x0b\x63ustomer_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0bterminal_id\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x06\x61mount\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\revent_time_us\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x10\n\x08\x63urrency\x18\x06 \x01(\tB\x0e\n\x0c_customer_idB\x0e\n\x0c_terminal_idB\t\n\x07_amountB\x10\n\x0e_event_time_us\"x\n\x06Timing\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x11\n\tenrich_us\x18\x02 \x01(\x03\x12\x14\n\x0cinference_us\x18\x03 \x01(\x03\x12\x11\n\tdecide_us\x18\x04 \x01(\x03\x12\x10\n\x08total_us\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xc3\x02\n\x08\x44\x65\x63ision\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\"\n\x07outcome\x18\x02 \x01(\x0e\x32\x11.fraud.v1.Outcome\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x14\n\x0creason_codes\x18\x04 \x03(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12/\n\x0e\x64\x65graded_cause\x18\x07 \x01(\x0e\x32\x17.fraud.v1.DegradedCause\x12\x17\n\x0f\x64\x65graded_detail\x18\x08 \x01(\t\x12 \n\x06timing\x18\t \x01(\x0b\x32\x10.fraud.v1.Timing\x12\x15\n\revent_time_us\x18\n \x01(\x03\x12\x15\n\rdecided_at_us\x18\x0b \x01(\x03\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\"a\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0btransaction\x18\x02 \x01(\x0b\x32\x15.fraud.v1.Transaction\x12\x11\n\tbudget_us\x18\x03 \x01(\r\"I\n\nScoreError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1c\n\x14\x64uplicate_request_id\x18\x03 \x01(\x08\"|\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x12.fraud.v1.DecisionH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.fraud.v1.ScoreErrorH\x00\x42\x08\n\x06result\"=\n\x11ScoreBatchRequest\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.fraud.v1.ScoreRequest\"@\n\x12ScoreBatchResponse\x12*\n\tresponses\x18\x01 \x03(\x0b\x32\x17.fraud.v1.ScoreResponse*H\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41PPROVE\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\x0b\n\x07\x44\x45\x43LINE\x10\x03*\x91\x01\n\rDegradedCause\x12\x17\n\x13\x44\x45GRADED_CAUSE_NONE\x10\x00\x12\x18\n\x14\x46\x45\x41TURES_UNAVAILABLE\x10\x01\x12\x15\n\x11MODEL_UNAVAILABLE\x10\x02\x12\x13\n\x0f\x42UDGET_EXCEEDED\x10\x03\x12\x0e\n\nOVERLOADED\x10\x04\x12\x11\n\rFEATURES_LOST\x10\x05\x32\xd5\x01\n\x0c\x46raudScoring\x12\x38\n\x05Score\x12\x16.fraud.v1.ScoreRequest\x1a\x17.fraud.v1.ScoreResponse\x12G\n\nScoreBatch\x12\x1b.fraud.v1.ScoreBatchRequest\x1a\x1c.fraud.v1.ScoreBatchResponse\x12\x42\n\x0bScoreStream\x12\x16.fraud.v1.ScoreRequest\x1a\x17.fraud.v1.ScoreResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"workers/proto/fraud/v1/fraud.proto\x12\x08\x66raud.v1\"\xd9\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x18\n\x0b\x63ustomer_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0bterminal_id\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x06\x61mount\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\revent_time_us\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x10\n\x08\x63urrency\x18\x06 \x01(\tB\x0e\n\x0c_customer_idB\x0e\n\x0c_terminal_idB\t\n\x07_amountB\x10\n\x0e_event_time_us\"\xf8\x01\n\nFraudLabel\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x18\n\x0b\x63ustomer_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0bterminal_id\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x1a\n\revent_time_us\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x15\n\x08is_fraud\x18\x05 \x01(\x08H\x03\x88\x01\x01\x12\x1a\n\rlabel_time_us\x18\x06 \x01(\x03H\x04\x88\x01\x01\x42\x0e\n\x0c_customer_idB\x0e\n\x0c_terminal_idB\x10\n\x0e_event_time_usB\x0b\n\t_is_fraudB\x10\n\x0e_label_time_us\"x\n\x06Timing\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x11\n\tenrich_us\x18\x02 \x01(\x03\x12\x14\n\x0cinference_us\x18\x03 \x01(\x03\x12\x11\n\tdecide_us\x18\x04 \x01(\x03\x12\x10\n\x08total_us\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xc3\x02\n\x08\x44\x65\x63ision\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\"\n\x07outcome\x18\x02 \x01(\x0e\x32\x11.fraud.v1.Outcome\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x14\n\x0creason_codes\x18\x04 \x03(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12/\n\x0e\x64\x65graded_cause\x18\x07 \x01(\x0e\x32\x17.fraud.v1.DegradedCause\x12\x17\n\x0f\x64\x65graded_detail\x18\x08 \x01(\t\x12 \n\x06timing\x18\t \x01(\x0b\x32\x10.fraud.v1.Timing\x12\x15\n\revent_time_us\x18\n \x01(\x03\x12\x15\n\rdecided_at_us\x18\x0b \x01(\x03\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\"a\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0btransaction\x18\x02 \x01(\x0b\x32\x15.fraud.v1.Transaction\x12\x11\n\tbudget_us\x18\x03 \x01(\r\"I\n\nScoreError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1c\n\x14\x64uplicate_request_id\x18\x03 \x01(\x08\"|\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x12.fraud.v1.DecisionH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.fraud.v1.ScoreErrorH\x00\x42\x08\n\x06result\"=\n\x11ScoreBatchRequest\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.fraud.v1.ScoreRequest\"@\n\x12ScoreBatchResponse\x12*\n\tresponses\x18\x01 \x03(\x0b\x32\x17.fraud.v1.ScoreResponse*H\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41PPROVE\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\x0b\n\x07\x44\x45\x43LINE\x10\x03*\x91\x01\n\rDegradedCause\x12\x17\n\x13\x44\x45GRADED_CAUSE_NONE\x10\x00\x12\x18\n\x14\x46\x45\x41TURES_UNAVAILABLE\x10\x01\x12\x15\n\x11MODEL_UNAVAILABLE\x10\x02\x12\x13\n\x0f\x42UDGET_EXCEEDED\x10\x03\x12\x0e\n\nOVERLOADED\x10\x04\x12\x11\n\rFEATURES_LOST\x10\x05\x32\xd5\x01\n\x0c\x46raudScoring\x12\x38\n\x05Score\x12\x16.fraud.v1.ScoreRequest\x1a\x17.fraud.v1.ScoreResponse\x12G\n\nScoreBatch\x12\x1b.fraud.v1.ScoreBatchRequest\x1a\x1c.fraud.v1.ScoreBatchResponse\x12\x42\n\x0bScoreStream\x12\x16.fraud.v1.ScoreRequest\x1a\x17.fraud.v1.ScoreResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'workers.proto.fraud.v1.fraud_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1145
-  _globals['_OUTCOME']._serialized_end=1217
-  _globals['_DEGRADEDCAUSE']._serialized_start=1220
-  _globals['_DEGRADEDCAUSE']._serialized_end=1365
+  _globals['_OUTCOME']._serialized_start=1396
+  _globals['_OUTCOME']._serialized_end=1468
+  _globals['_DEGRADEDCAUSE']._serialized_start=1471
+  _globals['_DEGRADEDCAUSE']._serialized_end=1616
   _globals['_TRANSACTION']._serialized_start=49
   _globals['_TRANSACTION']._serialized_end=266
-  _globals['_TIMING']._serialized_start=268
-  _globals['_TIMING']._serialized_end=388
-  _globals['_DECISION']._serialized_start=391
-  _globals['_DECISION']._serialized_end=714
-  _globals['_SCOREREQUEST']._serialized_start=716
-  _globals['_SCOREREQUEST']._serialized_end=813
-  _globals['_SCOREERROR']._serialized_start=815
-  _globals['_SCOREERROR']._serialized_end=888
-  _globals['_SCORERESPONSE']._serialized_start=890
-  _globals['_SCORERESPONSE']._serialized_end=1014
-  _globals['_SCOREBATCHREQUEST']._serialized_start=1016
-  _globals['_SCOREBATCHREQUEST']._serialized_end=1077
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=1079
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=1143
-  _globals['_FRAUDSCORING']._serialized_start=1368
-  _globals['_FRAUDSCORING']._serialized_end=1581
+  _globals['_FRAUDLABEL']._serialized_start=269
+  _globals['_FRAUDLABEL']._serialized_end=517
+  _globals['_TIMING']._serialized_start=519
+  _globals['_TIMING']._serialized_end=639
+  _globals['_DECISION']._serialized_start=642
+  _globals['_DECISION']._serialized_end=965
+  _globals['_SCOREREQUEST']._serialized_start=967
+  _globals['_SCOREREQUEST']._serialized_end=1064
+  _globals['_SCOREERROR']._serialized_start=1066
+  _globals['_SCOREERROR']._serialized_end=1139
+  _globals['_SCORERESPONSE']._serialized_start=1141
+  _globals['_SCORERESPONSE']._serialized_end=1265
+  _globals['_SCOREBATCHREQUEST']._serialized_start=1267
+  _globals['_SCOREBATCHREQUEST']._serialized_end=1328
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=1330
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=1394
+  _globals['_FRAUDSCORING']._serialized_start=1619
+  _globals['_FRAUDSCORING']._serialized_end=1832
 # @@protoc_insertion_point(module_scope)

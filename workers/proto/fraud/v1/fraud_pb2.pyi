@@ -49,6 +49,22 @@ class Transaction(_message.Message):
     currency: str
     def __init__(self, transaction_id: _Optional[str] = ..., customer_id: _Optional[int] = ..., terminal_id: _Optional[int] = ..., amount: _Optional[float] = ..., event_time_us: _Optional[int] = ..., currency: _Optional[str] = ...) -> None: ...
 
+class FraudLabel(_message.Message):
+    __slots__ = ("transaction_id", "customer_id", "terminal_id", "event_time_us", "is_fraud", "label_time_us")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    IS_FRAUD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    customer_id: int
+    terminal_id: int
+    event_time_us: int
+    is_fraud: bool
+    label_time_us: int
+    def __init__(self, transaction_id: _Optional[str] = ..., customer_id: _Optional[int] = ..., terminal_id: _Optional[int] = ..., event_time_us: _Optional[int] = ..., is_fraud: _Optional[bool] = ..., label_time_us: _Optional[int] = ...) -> None: ...
+
 class Timing(_message.Message):
     __slots__ = ("queue_us", "enrich_us", "inference_us", "decide_us", "total_us", "device")
     QUEUE_US_FIELD_NUMBER: _ClassVar[int]

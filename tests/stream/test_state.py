@@ -1,0 +1,123 @@
+"""The stream job's state transitions (pure): replays skipped per source, labels as sets, late
+labels dropped, and an incremental run equal to history's computation over all events."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workers.features import history
+from workers.records import US_PER_DAY
+from workers.stream import state
+
+BASE_US = 1_793_491_200_000_000
+
+
+def _customer_events(n: int, seed: int = 0, sources: int = 3) -> list[state.CustomerEvent]:
+    rng = random.Random(seed)
+    times = sorted(rng.sample(range(40 * US_PER_DAY), n))
+    offsets = [0] * sources
+    events = []
+    for t in times:
+        source = rng.randrange(sources)
+        events.append(
+            state.CustomerEvent(7, BASE_US + t, rng.randrange(1, 30_000), rng.randrange(50), source, offsets[source])
+        )
+        offsets[source] += 1
+    return events
+
+
+def _truth(events: list[state.CustomerEvent]) -> bytes:
+    arr = np.array([(e.time_us, e.amount_cents, e.terminal_id) for e in events], dtype=history.CUSTOMER_EVENT_DTYPE)
+    return history.pack(history.trim_customer(arr[np.argsort(arr["time_us"], kind="stable")]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 2**16), st.lists(st.integers(1, 50), min_size=1, max_size=8))
+def test_customer_state_in_any_batches_equals_the_whole_history(n: int, seed: int, cuts: list[int]) -> None:
+    events = _customer_events(n, seed)
+    current = state.CustomerState()
+    position = 0
+    for size in cuts * (n // max(1, sum(cuts)) + 1):
+        batch = events[position : position + size]
+        position += size
+        current, applied = state.apply_customer(current, batch)
+        assert applied.applied == len(batch) and applied.replays == 0
+        if position >= n:
+            break
+    assert current.events == _truth(events)
+    assert current.latest_us == max(e.time_us for e in events)
+
+
+def test_a_replayed_batch_changes_nothing_and_is_counted_as_replays() -> None:
+    events = _customer_events(100)
+    current, _ = state.apply_customer(state.CustomerState(), events[:60])
+    # A crash re-reads from an older committed offset: a mix of seen and new events.
+    current, applied = state.apply_customer(current, events[40:])
+    assert (applied.replays, applied.applied) == (20, 40)
+    assert current.events == _truth(events)
+    again, applied = state.apply_customer(current, events)
+    assert (applied.replays, applied.applied, applied.changed) == (100, 0, False)
+    assert again is current
+
+
+def test_state_survives_its_encoding() -> None:
+    current, _ = state.apply_customer(state.CustomerState(), _customer_events(20))
+    decoded = state.decode_customer_state(state.encode_state(current))
+    assert decoded == current
+    assert state.decode_customer_state(None) == state.CustomerState()
+
+
+def _tx(terminal: int, day: int, offset: int, source: int = 0) -> state.TerminalEvent:
+    return state.TerminalEvent(terminal, BASE_US + day * US_PER_DAY + offset, source, offset)
+
+
+def _label(
+    tx_id: str, day: int, is_fraud: bool, offset: int, source: int = state.label_source(0)
+) -> state.TerminalEvent:
+    t = BASE_US + day * US_PER_DAY
+    return state.TerminalEvent(3, t, source, offset, tx_id, is_fraud, t + 7 * US_PER_DAY)
+
+
+def _tiles(current: state.TerminalState) -> list[tuple[int, int, int]]:
+    base_day = BASE_US // US_PER_DAY
+    return [(int(r["day"]) - base_day, int(r["tx"]), int(r["fraud"])) for r in history.unpack_terminal(current.tiles)]
+
+
+def test_labels_are_sets_per_day_and_a_withdrawal_takes_the_fraud_back() -> None:
+    current, _ = state.apply_terminal(state.TerminalState(), [_tx(3, 0, i) for i in range(5)] + [_tx(3, 1, 10)])
+    current, applied = state.apply_terminal(
+        current, [_label("a", 0, True, 0), _label("b", 0, True, 1), _label("a", 0, True, 2)]
+    )
+    assert applied.labels == 3 and _tiles(current) == [(0, 5, 2), (1, 1, 0)]
+    current, _ = state.apply_terminal(current, [_label("b", 0, False, 3)])
+    assert _tiles(current) == [(0, 5, 1), (1, 1, 0)]
+    assert current.fraud == {BASE_US // US_PER_DAY: ["a"]}
+    # Replayed labels (same source offsets) are skipped, so the withdrawal is not undone.
+    current2, applied = state.apply_terminal(current, [_label("b", 0, True, 1)])
+    assert applied.label_replays == 1 and _tiles(current2) == _tiles(current)
+
+
+def test_a_label_older_than_the_retained_days_is_late_and_dropped() -> None:
+    late_day = -history.TERMINAL_RETENTION_DAYS
+    current, _ = state.apply_terminal(state.TerminalState(), [_tx(3, 0, 0)])
+    current, applied = state.apply_terminal(current, [_label("old", late_day, True, 0)])
+    assert (applied.late_labels, applied.labels) == (1, 0)
+    assert _tiles(current) == [(0, 1, 0)]
+    assert current.fraud == {}
+
+
+def test_old_days_and_their_fraud_sets_are_trimmed() -> None:
+    current, _ = state.apply_terminal(state.TerminalState(), [_tx(3, 0, 0)])
+    current, _ = state.apply_terminal(current, [_label("x", 0, True, 0)])
+    current, _ = state.apply_terminal(current, [_tx(3, history.TERMINAL_RETENTION_DAYS, 1)])
+    assert _tiles(current) == [(history.TERMINAL_RETENTION_DAYS, 1, 0)]
+    assert current.fraud == {}
+
+
+def test_the_partition_rule_is_the_entity_id_modulo_the_partitions() -> None:
+    assert [state.partition_of(i, 4) for i in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert state.label_source(0) != state.transaction_source(0)

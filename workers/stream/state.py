@@ -1,0 +1,212 @@
+"""The stream job's per-entity state and its transitions: pure functions, no I/O.
+
+Records between the job's two stages (``topology``) and the table values are msgspec
+structs encoded as MessagePack arrays: no field names on the wire, about 10x cheaper than
+faust's JSON records.
+
+Idempotency without exactly-once (the design contract's rule): every record carries its
+source ``(source, offset)``, where ``source`` names the source topic partition
+(``transaction_source(p)`` / ``label_source(p)``). Per entity the state keeps the highest
+offset applied per source; a record at or below it is a replay and is skipped. A source
+partition is read in order by one consumer and re-read from its committed offset after a
+crash or a rebalance, and the first stage forwards each batch in offset order, so for one
+entity and one source the offsets only grow: a replay is exactly a record seen before.
+Labels are also sets (a transaction id is in its day's fraud set or not), so even a label
+applied twice counts once.
+
+State bound per entity: a customer holds at most ``history.CUSTOMER_MAX_EVENTS`` events of
+the last ``CUSTOMER_RETENTION_US`` (24 bytes each) plus one mark per source partition; a
+terminal holds ``TERMINAL_RETENTION_DAYS`` day tiles (24 bytes each), the fraud-labelled
+transaction ids of those days, and its marks: under 2 KB for a hot terminal unless it has
+many frauds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from workers.features import history
+from workers.records import US_PER_DAY
+
+
+def transaction_source(partition: int) -> int:
+    return partition
+
+
+def label_source(partition: int) -> int:
+    """Label partitions as negative sources, so they never collide with transaction ones."""
+    return -1 - partition
+
+
+# --- records between the stages (one repartition message = one batch of one partition) ---------
+
+
+class CustomerEvent(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    customer_id: int
+    time_us: int
+    amount_cents: int
+    terminal_id: int
+    source: int
+    offset: int
+
+
+class TerminalEvent(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """A transaction at the terminal, or (``transaction_id`` set) a fraud label on one of its
+    transactions; ``time_us`` is the transaction's event time either way."""
+
+    terminal_id: int
+    time_us: int
+    source: int
+    offset: int
+    transaction_id: str = ""
+    is_fraud: bool = False
+    label_time_us: int = 0
+
+    @property
+    def is_label(self) -> bool:
+        return bool(self.transaction_id)
+
+
+customer_batch_encoder = msgspec.msgpack.Encoder()
+customer_batch_decoder = msgspec.msgpack.Decoder(list[CustomerEvent])
+terminal_batch_decoder = msgspec.msgpack.Decoder(list[TerminalEvent])
+
+
+# --- table values --------------------------------------------------------------------------------
+
+
+class CustomerState(msgspec.Struct, array_like=True, gc=False):
+    events: bytes = b""  # history.pack of CUSTOMER_EVENT_DTYPE rows, trimmed
+    marks: dict[int, int] = msgspec.field(default_factory=dict)  # source -> highest applied offset
+    latest_us: int = 0  # the newest event time ever applied (the store's timestamp)
+
+
+class TerminalState(msgspec.Struct, array_like=True, gc=False):
+    tiles: bytes = b""  # history.pack of TERMINAL_TILE_DTYPE rows, trimmed
+    fraud: dict[int, list[str]] = msgspec.field(default_factory=dict)  # retained day -> fraud tx ids
+    marks: dict[int, int] = msgspec.field(default_factory=dict)
+    latest_us: int = 0  # newest transaction or label time applied (the store's timestamp)
+
+
+_encoder = msgspec.msgpack.Encoder()
+_customer_state_decoder = msgspec.msgpack.Decoder(CustomerState)
+_terminal_state_decoder = msgspec.msgpack.Decoder(TerminalState)
+
+
+def encode_state(state: CustomerState | TerminalState) -> bytes:
+    return _encoder.encode(state)
+
+
+def decode_customer_state(blob: bytes | None) -> CustomerState:
+    return CustomerState() if not blob else _customer_state_decoder.decode(blob)
+
+
+def decode_terminal_state(blob: bytes | None) -> TerminalState:
+    return TerminalState() if not blob else _terminal_state_decoder.decode(blob)
+
+
+@dataclass
+class Applied:
+    """What one batch did to one entity."""
+
+    applied: int = 0
+    replays: int = 0
+    late_labels: int = 0
+    labels: int = 0  # labels applied (late ones not included)
+    label_replays: int = 0
+    changed: bool = False
+
+
+def _is_new(marks: dict[int, int], source: int, offset: int) -> bool:
+    if offset <= marks.get(source, -1):
+        return False
+    marks[source] = offset
+    return True
+
+
+def apply_customer(state: CustomerState, events: list[CustomerEvent]) -> tuple[CustomerState, Applied]:
+    """The customer's state after ``events`` (one customer's, in arrival order)."""
+    result = Applied()
+    marks = dict(state.marks)
+    fresh = [e for e in events if _is_new(marks, e.source, e.offset)]
+    result.replays = len(events) - len(fresh)
+    result.applied = len(fresh)
+    if not fresh:
+        return state, result
+    new = np.empty(len(fresh), dtype=history.CUSTOMER_EVENT_DTYPE)
+    new["time_us"] = [e.time_us for e in fresh]
+    new["amount_cents"] = [e.amount_cents for e in fresh]
+    new["terminal_id"] = [e.terminal_id for e in fresh]
+    merged = history.merge_customer(history.unpack_customer(state.events), new)
+    latest = max(state.latest_us, int(new["time_us"].max()))
+    result.changed = True
+    return CustomerState(history.pack(merged), marks, latest), result
+
+
+def apply_terminal(state: TerminalState, events: list[TerminalEvent]) -> tuple[TerminalState, Applied]:
+    """The terminal's state after ``events`` (one terminal's, in arrival order).
+
+    Transactions add to their day's tile; a label puts its transaction id in (is_fraud) or
+    out of its day's fraud set and the tile's fraud count follows the set. A label for a day
+    older than the retained tiles (after this batch's transactions) is late: counted, dropped.
+    """
+    result = Applied()
+    marks = dict(state.marks)
+    fresh = [e for e in events if _is_new(marks, e.source, e.offset)]
+    result.replays = len(events) - len(fresh)
+    result.label_replays = sum(1 for e in events if e.is_label) - sum(1 for e in fresh if e.is_label)
+    if not fresh:
+        return state, result
+    tiles = history.unpack_terminal(state.tiles)
+    tx_days: dict[int, int] = defaultdict(int)
+    latest_us = state.latest_us
+    labels = []
+    for e in fresh:
+        if e.is_label:
+            labels.append(e)
+            latest_us = max(latest_us, e.label_time_us)
+        else:
+            tx_days[e.time_us // US_PER_DAY] += 1
+            latest_us = max(latest_us, e.time_us)
+    known_days = [*tx_days, *([int(tiles["day"][-1])] if len(tiles) else [])]
+    latest_day = max(known_days) if known_days else None
+    fraud = {day: list(ids) for day, ids in state.fraud.items()}
+    fraud_delta: dict[int, int] = defaultdict(int)
+    for label in labels:
+        day = label.time_us // US_PER_DAY
+        if latest_day is not None and day < latest_day - history.TERMINAL_RETENTION_DAYS + 1:
+            result.late_labels += 1
+            continue
+        result.labels += 1
+        ids = fraud.setdefault(day, [])
+        if label.is_fraud and label.transaction_id not in ids:
+            ids.append(label.transaction_id)
+            fraud_delta[day] += 1
+        elif not label.is_fraud and label.transaction_id in ids:
+            ids.remove(label.transaction_id)
+            fraud_delta[day] -= 1
+    for day in sorted(set(tx_days) | set(fraud_delta)):
+        tiles = history.merge_terminal(tiles, day, tx_days.get(day, 0), fraud_delta.get(day, 0))
+    first_day = int(tiles["day"][0]) if len(tiles) else None
+    fraud = {day: ids for day, ids in fraud.items() if ids and (first_day is None or day >= first_day)}
+    result.applied = len(fresh) - result.late_labels
+    result.changed = True
+    return TerminalState(history.pack(tiles), fraud, marks, latest_us), result
+
+
+def group_by_entity(events: list, key: str) -> dict[int, list]:
+    """Events of one batch by entity id, each entity's in arrival order."""
+    groups: dict[int, list] = defaultdict(list)
+    for event in events:
+        groups[getattr(event, key)].append(event)
+    return groups
+
+
+def partition_of(entity_id: int, partitions: int) -> int:
+    """The repartition rule: an entity's events, table changelog and table shard live in
+    partition ``entity_id mod partitions`` of the job's repartition topic and changelog."""
+    return entity_id % partitions
