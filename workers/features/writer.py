@@ -139,18 +139,34 @@ class FeatureWriter:
         return ts.SerializeToString()
 
     def read_blobs(self, view: str, entity_ids: list[int]) -> dict[int, bytes]:
-        """The packed state the store holds for these entities (absent ones left out): what a
-        job seeds an entity from the first time it sees it after a backfill."""
+        """The packed state the store holds for these entities (absent ones left out)."""
+        return {entity_id: blob for entity_id, (blob, _) in self.read_states(view, entity_ids).items()}
+
+    def read_states(self, view: str, entity_ids: list[int]) -> dict[int, tuple[bytes, int]]:
+        """(packed state, timestamp in us) the store holds for these entities, absent ones left
+        out, in one round trip: what the stream job seeds an entity from the first time it sees
+        it after a backfill. The timestamp is ours (``_us:<view>``) or, for a row Feast's
+        materialization wrote, its ``_ts:<view>``."""
         spec = self._views[view]
         with self._client.pipeline(transaction=False) as pipe:
             for entity_id in entity_ids:
-                pipe.hget(self.key(view, entity_id), spec.feature_field)  # type: ignore[arg-type]
+                fields = [spec.feature_field, spec.us_field, spec.ts_field]
+                pipe.hmget(self.key(view, entity_id), fields)  # type: ignore[arg-type]
             replies = pipe.execute()
-        return {
-            entity_id: self._value.FromString(raw).bytes_val
-            for entity_id, raw in zip(entity_ids, replies)
-            if raw is not None
-        }
+        states = {}
+        for entity_id, (raw, us, ts) in zip(entity_ids, replies):
+            if raw is None:
+                continue
+            states[entity_id] = (self._value.FromString(raw).bytes_val, self._time_us(us, ts))
+        return states
+
+    def _time_us(self, us: bytes | None, ts: bytes | None) -> int:
+        if us is not None:
+            return int(us)
+        if ts is None:
+            return 0
+        stamp = self._timestamp.FromString(ts)
+        return stamp.seconds * 1_000_000 + stamp.nanos // 1_000
 
     def close(self) -> None:
         self._client.close()

@@ -109,6 +109,25 @@ def decode_terminal_state(blob: bytes | None) -> TerminalState:
     return TerminalState() if not blob else _terminal_state_decoder.decode(blob)
 
 
+def seeded_customer(stored: tuple[bytes, int] | None) -> CustomerState:
+    """A customer first seen by the job, starting from what the store holds (a backfill's
+    state; no marks: that history never went through Kafka)."""
+    if stored is None:
+        return CustomerState()
+    blob, time_us = stored
+    return CustomerState(blob, {}, time_us)
+
+
+def seeded_terminal(stored: tuple[bytes, int] | None) -> TerminalState:
+    """A terminal first seen by the job, from its stored tiles. The backfill's fraud counts come
+    without their transaction ids: a later label adds to them; withdrawing one of those
+    backfilled labels cannot be told apart, and leaves the count as it is."""
+    if stored is None:
+        return TerminalState()
+    blob, time_us = stored
+    return TerminalState(blob, {}, {}, time_us)
+
+
 @dataclass
 class Applied:
     """What one batch did to one entity."""

@@ -44,6 +44,7 @@ import numpy as np
 
 from workers import codec, metrics
 from workers.errors import InvalidEvent
+from workers.features import definitions as d
 from workers.settings import Settings
 from workers.stream import state
 from workers.stream.sink import StoreSink
@@ -209,6 +210,7 @@ class FeatureJob:
     def __init__(self, settings: Settings, writer: Any) -> None:
         self.settings = settings
         self.app = build_app(settings)
+        self._writer = writer  # also reads what a backfill left for entities first seen (_seeds)
         self.sink = StoreSink(settings, writer)
         self.changelog = Changelog(self.app, settings)
         self._customers_changelog = changelog_topic(settings, CUSTOMERS_TABLE)
@@ -344,12 +346,15 @@ class FeatureJob:
             await self.sink.wait_for_room()
             rows: dict[int, tuple[bytes, int]] = {}
             times: list[int] = []
-            for customer_id, events in state.group_by_entity(
-                state.customer_batch_decoder.decode(value), "customer_id"
-            ).items():
+            batch = state.group_by_entity(state.customer_batch_decoder.decode(value), "customer_id")
+            seeds = await self._seeds(d.CUSTOMER_VIEW, self.customers, batch)
+            for customer_id, events in batch.items():
                 key = str(customer_id).encode()
                 before = self.customers.get(key)
-                new, applied = state.apply_customer(state.decode_customer_state(before), events)
+                current = (
+                    state.decode_customer_state(before) if before else state.seeded_customer(seeds.get(customer_id))
+                )
+                new, applied = state.apply_customer(current, events)
                 _EVENTS["transaction", "replay"].inc(applied.replays)
                 if applied.changed:
                     blob = state.encode_state(new)
@@ -370,12 +375,15 @@ class FeatureJob:
             await self.sink.wait_for_room()
             rows: dict[int, tuple[bytes, int]] = {}
             times: list[int] = []
-            for terminal_id, events in state.group_by_entity(
-                state.terminal_batch_decoder.decode(value), "terminal_id"
-            ).items():
+            batch = state.group_by_entity(state.terminal_batch_decoder.decode(value), "terminal_id")
+            seeds = await self._seeds(d.TERMINAL_VIEW, self.terminals, batch)
+            for terminal_id, events in batch.items():
                 key = str(terminal_id).encode()
                 before = self.terminals.get(key)
-                new, applied = state.apply_terminal(state.decode_terminal_state(before), events)
+                current = (
+                    state.decode_terminal_state(before) if before else state.seeded_terminal(seeds.get(terminal_id))
+                )
+                new, applied = state.apply_terminal(current, events)
                 _count_terminal(applied)
                 if applied.changed:
                     blob = state.encode_state(new)
@@ -385,6 +393,25 @@ class FeatureJob:
                 if applied.changed or applied.replays:
                     rows[terminal_id] = (new.tiles, new.latest_us)
             self.sink.put({}, rows, np.empty(0, np.int64), np.array(times, dtype=np.int64))
+
+    async def _seeds(self, view: str, table, batch: dict[int, list]) -> dict[int, tuple[bytes, int]]:
+        """What the store holds for the batch's entities this job has never seen (a backfill
+        wrote it): their state starts from it, or the job's first write would replace a
+        backfilled history with only the new events. Retried while Redis is down: going on
+        without it would lose that history."""
+        unseen = [entity_id for entity_id in batch if table.get(str(entity_id).encode()) is None]
+        delay = self.settings.stream.retry_initial_s
+        while unseen:
+            try:
+                return await asyncio.to_thread(self._writer.read_states, view, unseen)
+            except Exception as exc:  # Redis down or refusing: the batch waits, nothing is lost
+                metrics.STORE_WRITE_ERRORS.inc()
+                log.warning(
+                    "reading %d unseen entities from the store failed (%s); retrying in %.1f s", len(unseen), exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.stream.retry_max_s)
+        return {}
 
     def _grow(self, kind: str, before: bytes | None, after: bytes) -> None:
         self._state_bytes[kind] += len(after) - (len(before) if before else 0)
