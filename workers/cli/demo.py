@@ -1,14 +1,23 @@
 """``fraudscore demo``: the whole pipeline on the local stack, with decisions shown as they flow.
 
-Loads the simulator's features into the online store (once), then runs ``fraudscore serve``,
-``fraudscore grpc`` and ``fraudscore produce`` as child processes, tails the decisions topic
-here, and is a payment service too: a gRPC stream client (``workers.rpc.client``) asks for a
-decision every ``_GRPC_EVERY_S`` with a 10 ms budget, and the report shows what it got.
+Simulates a transaction history that ends now and loads its end state into the online store
+(the backfill), then runs ``fraudscore features stream`` (the stream feature job),
+``fraudscore serve``, ``fraudscore grpc`` and ``fraudscore produce`` as child processes, tails
+the decisions topic here, and plays three more parts itself:
+
+- a payment service: a gRPC stream client (``workers.rpc.client``) asks for a decision every
+  ``_GRPC_EVERY_S`` with a 10 ms budget, and the report shows what it got;
+- the chargeback desk: fraud labels of the history are published to ``fraud-labels`` when they
+  come due (the label delay after their transaction), as the feature job expects them;
+- a fraudster: after ``_BURST_AFTER_S`` one card goes through a card-testing burst (small
+  purchases, then large ones, at other terminals), one purchase every ``_BURST_GAP_S``, and
+  the demo prints each of its decisions as the card's velocity features change.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import subprocess
 import sys
@@ -21,11 +30,14 @@ from confluent_kafka import Consumer
 
 from workers import codec
 from workers.kafka.config import connection_config
-from workers.settings import Settings
+from workers.settings import REPO_ROOT, Settings
 
 _REPORT_EVERY_S = 2.0
 _GRPC_EVERY_S = 0.02  # 50 requests/s from the demo's own payment service
 _GRPC_BUDGET_MS = 10.0
+_BURST_AFTER_S = 10.0  # after the worker and the job are ready: the reports have started
+_BURST_GAP_S = 1.0  # well above the job's freshness: each purchase sees the ones before it
+_BURST_PREFIX = "burst-"
 
 
 class CallerStats:
@@ -45,41 +57,141 @@ class CallerStats:
 
 
 def run_demo(settings: Settings, rate: float, seconds: float | None) -> int:
-    _load_features()
+    history = _load_features(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     fraudscore = [sys.executable, "-m", "workers"]
-    worker = subprocess.Popen([*fraudscore, "serve"])
-    server = subprocess.Popen([*fraudscore, "grpc"])
+    job = subprocess.Popen([*fraudscore, "features", "stream"], env=_job_env(settings))
+    scorer_env = _scorer_env()
+    worker = subprocess.Popen([*fraudscore, "serve"], env=scorer_env)
+    server = subprocess.Popen([*fraudscore, "grpc"], env=scorer_env)
     producer = subprocess.Popen([*fraudscore, "produce", "--rate", str(rate), "--bad-every", "500"])
     callers = CallerStats()
-    caller = threading.Thread(target=_call_grpc, args=(settings, callers, stop), name="demo-grpc-caller", daemon=True)
-    caller.start()
-    grpc_address = f"{settings.grpc.host}:{settings.grpc.port}"
-    print(
-        f"\nworker + gRPC server + producer running ({rate:.0f} events/s), and a gRPC caller "
-        f"({1 / _GRPC_EVERY_S:.0f} req/s, {_GRPC_BUDGET_MS:.0f} ms budgets)\n"
-        f"  gRPC       {grpc_address}  (grpcurl -plaintext {grpc_address} list; REST POST "
-        f"http://{settings.grpc.host}:{settings.grpc.rest_port}/v1/score)\n"
-        f"  Kafka      {settings.kafka.bootstrap_servers}  topics: {settings.kafka.transactions_topic} -> "
-        f"{settings.kafka.decisions_topic} (bad events -> {settings.kafka.dlq_topic})\n"
-        f"  Redis      {settings.redis.url}\n"
-        f"  metrics    http://127.0.0.1:{settings.metrics.port}/metrics  (probes: /livez, /readyz)\n"
-        f"  Prometheus http://127.0.0.1:{settings.metrics.prometheus_port}  (alerts: /alerts; started by scripts/stack.sh)\n"
-        f"  stop with Ctrl-C; stop the stack with scripts/stack.sh down\n",
-        flush=True,
-    )
+    threads = [
+        threading.Thread(target=_call_grpc, args=(settings, callers, stop), name="demo-grpc-caller", daemon=True),
+        threading.Thread(target=_publish_labels, args=(settings, history, stop), name="demo-labels", daemon=True),
+        threading.Thread(target=_card_testing, args=(settings, stop), name="demo-burst", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    _print_addresses(settings, rate)
     try:
         _tail_decisions(settings, stop, callers, deadline=None if seconds is None else time.monotonic() + seconds)
     finally:
         stop.set()
-        caller.join(10)
-        for process in (producer, server, worker):
+        for thread in threads:
+            thread.join(10)
+        children = (producer, server, worker, job)
+        for process in children:
             process.send_signal(signal.SIGTERM)
-        for process in (producer, server, worker):
+        for process in children:
             process.wait(timeout=60)
     return worker.returncode or 0
+
+
+def _scorer_env() -> dict[str, str]:
+    """The models trained with the card-testing scenario (models/README.md): the ones trained on
+    the Handbook's data alone do not use the velocity features to stop a burst."""
+    return {"FRAUDSCORE_MODEL__DIRECTORY": str(REPO_ROOT / "models" / "card-testing"), **os.environ}
+
+
+def _job_env(settings: Settings) -> dict[str, str]:
+    """A feature job of this run's own (fresh group, state in memory) that starts at the end of
+    the transactions and labels topics: the store was just loaded with a history ending now,
+    and earlier runs' events (or an earlier run's job state) would not continue it."""
+    from confluent_kafka import TopicPartition
+
+    app_id = f"fraudscore-features-demo-{uuid.uuid4().hex[:6]}"
+    consumer = Consumer({**connection_config(settings.kafka, "demo"), "group.id": app_id})
+    try:
+        ends = []
+        for topic in (settings.kafka.transactions_topic, settings.kafka.labels_topic):
+            for partition in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+                ends.append(TopicPartition(topic, partition, high))
+        consumer.commit(offsets=ends, asynchronous=False)
+    finally:
+        consumer.close()
+    return {**os.environ, "FRAUDSCORE_STREAM__APP_ID": app_id, "FRAUDSCORE_STREAM__STORE": "memory"}
+
+
+def _print_addresses(settings: Settings, rate: float) -> None:
+    grpc_address = f"{settings.grpc.host}:{settings.grpc.port}"
+    print(
+        f"\nfeature job + worker + gRPC server + producer running ({rate:.0f} events/s), a gRPC caller "
+        f"({1 / _GRPC_EVERY_S:.0f} req/s, {_GRPC_BUDGET_MS:.0f} ms budgets), labels published as they come due, "
+        f"and a card-testing burst {_BURST_AFTER_S:.0f} s after the worker and the job are ready\n"
+        f"  gRPC       {grpc_address}  (grpcurl -plaintext {grpc_address} list; REST POST "
+        f"http://{settings.grpc.host}:{settings.grpc.rest_port}/v1/score)\n"
+        f"  Kafka      {settings.kafka.bootstrap_servers}  topics: {settings.kafka.transactions_topic} -> "
+        f"{settings.kafka.decisions_topic} (bad events -> {settings.kafka.dlq_topic}), "
+        f"{settings.kafka.labels_topic}\n"
+        f"  Redis      {settings.redis.url}\n"
+        f"  metrics    worker http://127.0.0.1:{settings.metrics.port}/metrics, gRPC "
+        f"http://127.0.0.1:{settings.metrics.grpc_port}/metrics, feature job "
+        f"http://127.0.0.1:{settings.metrics.stream_port}/metrics  (probes: /livez, /readyz)\n"
+        f"  Prometheus http://127.0.0.1:{settings.metrics.prometheus_port}  (alerts: /alerts; started by scripts/stack.sh)\n"
+        f"  stop with Ctrl-C; stop the stack with scripts/stack.sh down\n",
+        flush=True,
+    )
+
+
+def _load_features(settings: Settings):
+    """A history of the demo population ending now, its end state in the online store."""
+    from workers.features.store import load_online
+    from workers.offline.simulator import SimulatorConfig, simulate_transactions
+
+    started = time.perf_counter()
+    print("simulating a transaction history that ends now, and loading its state into the online store ...", flush=True)
+    history = simulate_transactions(SimulatorConfig.ending_now())
+    load_online(settings, history)
+    print(f"  {len(history)} transactions loaded in {time.perf_counter() - started:.0f} s", flush=True)
+    return history
+
+
+def _publish_labels(settings: Settings, history, stop: threading.Event) -> None:
+    """The chargeback desk: each fraud of the history labelled when its label comes due."""
+    from workers.offline.producer import LabelPublisher
+    from workers.offline.replay import labels_of
+
+    now_us = time.time_ns() // 1000
+    labels = labels_of(history)
+    publisher = LabelPublisher(settings.kafka, labels[labels["label_time_us"] > now_us])
+    while not stop.wait(1.0):
+        publisher.publish_due(time.time_ns() // 1000)
+    publisher.close()
+
+
+def _card_testing(settings: Settings, stop: threading.Event) -> None:
+    """The fraudster: one stolen card, small purchases then large ones, one every _BURST_GAP_S."""
+    from workers.offline.producer import DemoProducer
+
+    ports = (settings.metrics.port, settings.metrics.stream_port)  # the worker's and the feature job's
+    while not all(_ready(port) for port in ports):
+        if stop.wait(1.0):
+            return
+    if stop.wait(_BURST_AFTER_S):
+        return
+    producer = DemoProducer(settings.kafka)  # seed 0: the population the history was simulated for
+    burst = producer.stream.card_testing_burst()
+    print(f"\n>>> card {burst[0].customer_id}: card-testing burst of {len(burst)} purchases starts\n", flush=True)
+    for i, txn in enumerate(burst):
+        if stop.is_set():
+            break
+        producer.send_one(f"{_BURST_PREFIX}{i + 1}-of-{len(burst)}", txn, event_time_us=time.time_ns() // 1000)
+        stop.wait(_BURST_GAP_S)
+    producer.close()
+
+
+def _ready(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
 
 
 def _call_grpc(settings: Settings, callers: CallerStats, stop: threading.Event) -> None:
@@ -114,11 +226,6 @@ async def _caller_loop(settings: Settings, callers: CallerStats, stop: threading
             await asyncio.sleep(1.0)
 
 
-def _load_features() -> None:
-    """Applies the Feast repo and materializes it (simulating the history on first use)."""
-    subprocess.run([sys.executable, "-m", "workers", "features", "all"], check=True)
-
-
 def _tail_decisions(settings: Settings, stop: threading.Event, callers: CallerStats, deadline: float | None) -> None:
     consumer = Consumer(
         {
@@ -140,6 +247,9 @@ def _tail_decisions(settings: Settings, stop: threading.Event, callers: CallerSt
                 if message.error() is not None or value is None:
                     continue
                 decision = codec.decode_decision_json(value)
+                if decision.transaction_id.startswith(_BURST_PREFIX):
+                    _report_burst(decision)
+                    continue
                 outcomes[decision.outcome + (" (degraded)" if decision.degraded else "")] += 1
                 latencies_ms.append((decision.decided_at_us - decision.event_time_us) / 1000)
                 if decision.outcome != "APPROVE":
@@ -152,6 +262,15 @@ def _tail_decisions(settings: Settings, stop: threading.Event, callers: CallerSt
                 last_report = time.monotonic()
     finally:
         consumer.close()
+
+
+def _report_burst(decision) -> None:
+    position = decision.transaction_id[len(_BURST_PREFIX) :].replace("-of-", "/")
+    flag = " (degraded)" if decision.degraded else ""
+    print(
+        f">>> burst {position}: {decision.outcome}{flag} score={decision.score:.3f} reasons={decision.reason_codes}",
+        flush=True,
+    )
 
 
 def _report_callers(latencies_ms: list[float], degraded: int, errors: int) -> None:
