@@ -105,6 +105,12 @@ class ScoringClient:
             raise StreamBroken(f"stream to {self._target} failed: {ended or exc}") from exc
         finally:
             stream.waiting.pop(request_id, None)
+            # A write that failed leaves the future to the reader, which fails it too: mark that
+            # error seen (this call raises its own), or asyncio logs it as never retrieved.
+            if future.done() and not future.cancelled():
+                future.exception()
+            else:
+                future.cancel()
         if response.WhichOneof("result") == "error":
             raise ScoreRejected(response.error.code, response.error.message)
         return response
