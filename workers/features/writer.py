@@ -142,11 +142,14 @@ class FeatureWriter:
         """The packed state the store holds for these entities (absent ones left out)."""
         return {entity_id: blob for entity_id, (blob, _) in self.read_states(view, entity_ids).items()}
 
-    def read_states(self, view: str, entity_ids: list[int]) -> dict[int, tuple[bytes, int]]:
+    def read_states(
+        self, view: str, entity_ids: list[int], backfill_only: bool = False
+    ) -> dict[int, tuple[bytes, int]]:
         """(packed state, timestamp in us) the store holds for these entities, absent ones left
         out, in one round trip: what the stream job seeds an entity from the first time it sees
         it after a backfill. The timestamp is ours (``_us:<view>``) or, for a row Feast's
-        materialization wrote, its ``_ts:<view>``."""
+        materialization wrote, its ``_ts:<view>``. ``backfill_only``: only rows this writer did
+        not write (no ``_us:<view>``), i.e. what a materialization left."""
         spec = self._views[view]
         with self._client.pipeline(transaction=False) as pipe:
             for entity_id in entity_ids:
@@ -155,7 +158,7 @@ class FeatureWriter:
             replies = pipe.execute()
         states = {}
         for entity_id, (raw, us, ts) in zip(entity_ids, replies):
-            if raw is None:
+            if raw is None or (backfill_only and us is not None):
                 continue
             states[entity_id] = (self._value.FromString(raw).bytes_val, self._time_us(us, ts))
         return states

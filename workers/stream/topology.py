@@ -395,15 +395,18 @@ class FeatureJob:
             self.sink.put({}, rows, np.empty(0, np.int64), np.array(times, dtype=np.int64))
 
     async def _seeds(self, view: str, table, batch: dict[int, list]) -> dict[int, tuple[bytes, int]]:
-        """What the store holds for the batch's entities this job has never seen (a backfill
-        wrote it): their state starts from it, or the job's first write would replace a
-        backfilled history with only the new events. Retried while Redis is down: going on
-        without it would lose that history."""
+        """What a backfill left in the store for the batch's entities this job has never seen:
+        their state starts from it, or the job's first write would replace a backfilled history
+        with only the new events. Only rows the backfill wrote count (``read_states(...,
+        backfill_only=True)``): a row this job wrote carries no dedupe marks, and seeding from it
+        could count a replayed event twice. One round trip, on the loop (a thread hop per batch
+        cost more than the read); retried while Redis is down, since going on without it would
+        lose that history."""
         unseen = [entity_id for entity_id in batch if table.get(str(entity_id).encode()) is None]
         delay = self.settings.stream.retry_initial_s
         while unseen:
             try:
-                return await asyncio.to_thread(self._writer.read_states, view, unseen)
+                return self._writer.read_states(view, unseen, backfill_only=True)
             except Exception as exc:  # Redis down or refusing: the batch waits, nothing is lost
                 metrics.STORE_WRITE_ERRORS.inc()
                 log.warning(
