@@ -111,7 +111,12 @@ start_prometheus() {
   # Targets are (re)written even when a Prometheus is reused: it re-reads them on change.
   "$PY" -m workers.cli.stack_env prometheus "$dir" >/dev/null
   if port_open "$PROMETHEUS_HOST" "$PROMETHEUS_PORT"; then
-    log "prometheus already answering on $PROMETHEUS_HOST:$PROMETHEUS_PORT (reused)"
+    # Target files are re-read on change, but a new job (a new process kind) is in the config
+    # itself, which Prometheus re-reads only when told (--web.enable-lifecycle).
+    "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1], method="POST"), timeout=5)' \
+      "http://$PROMETHEUS_HOST:$PROMETHEUS_PORT/-/reload" 2>/dev/null \
+      || log "prometheus on $PROMETHEUS_HOST:$PROMETHEUS_PORT did not reload its config (restart it for new jobs)"
+    log "prometheus already answering on $PROMETHEUS_HOST:$PROMETHEUS_PORT (reused, config reloaded)"
     return
   fi
   setsid prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \

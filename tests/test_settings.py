@@ -93,7 +93,7 @@ def test_connection_properties_given_once_reach_every_kafka_client() -> None:
 def test_docker_prometheus_scrapes_what_the_stack_generator_scrapes_and_compose_runs_each_job() -> None:
     """deploy/prometheus.yml (Docker) and scripts/stack.sh's generated targets name the same
     jobs and addresses for the default settings, and compose runs a process for each job."""
-    from workers.cli.stack_env import GRPC_JOB, WORKER_JOB, scrape_targets
+    from workers.cli.stack_env import FEATURES_JOB, GRPC_JOB, WORKER_JOB, scrape_targets
 
     docker = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())
     docker_targets = {
@@ -105,20 +105,42 @@ def test_docker_prometheus_scrapes_what_the_stack_generator_scrapes_and_compose_
     commands = {name: service.get("command") for name, service in services.items()}
     assert commands["worker"] == ["fraudscore", "serve"], "fraudscore-worker scrapes metrics.port"
     assert commands["grpc"] == ["fraudscore", "grpc"], "fraudscore-grpc scrapes metrics.grpc_port"
-    assert set(docker_targets) == {WORKER_JOB, GRPC_JOB}
+    assert commands["features"] == ["fraudscore", "features", "stream"], (
+        "fraudscore-features scrapes metrics.stream_port"
+    )
+    assert docker_targets[FEATURES_JOB] == [f"127.0.0.1:{MetricsSettings().stream_port}"]
+    assert set(docker_targets) == {WORKER_JOB, GRPC_JOB, FEATURES_JOB}
+    # The job runs with the image and the addresses of the worker, its state on a volume.
+    features, worker = services["features"], services["worker"]
+    assert features["build"] == worker["build"] and features["network_mode"] == worker["network_mode"]
+    assert {k: v for k, v in features["environment"].items() if k in worker["environment"]} == worker["environment"]
+    (state_mount,) = features["volumes"]
+    assert state_mount.split(":")[1] == features["environment"]["FRAUDSCORE_STREAM__DATA_DIR"]
     # The rules Prometheus loads in Docker are the repository's.
     mounts = services["prometheus"]["volumes"]
     assert "./deploy/prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in mounts
     assert docker["rule_files"] == ["/etc/prometheus/rules.yml"]
 
 
-def test_generated_prometheus_setup_has_a_target_per_grpc_process(tmp_path: Path) -> None:
-    from workers.cli.stack_env import GRPC_JOB, RULES_FILE, WORKER_JOB, scrape_targets, write_prometheus_setup
+def test_generated_prometheus_setup_has_a_target_per_grpc_process_and_the_feature_job(tmp_path: Path) -> None:
+    from workers.cli.stack_env import (
+        FEATURES_JOB,
+        GRPC_JOB,
+        RULES_FILE,
+        WORKER_JOB,
+        scrape_targets,
+        write_prometheus_setup,
+    )
 
-    targets = scrape_targets(MetricsSettings(port=49108, grpc_port=49110), GrpcSettings(processes=3))
-    assert targets == {WORKER_JOB: ["127.0.0.1:49108"], GRPC_JOB: [f"127.0.0.1:{p}" for p in (49110, 49111, 49112)]}
+    targets = scrape_targets(MetricsSettings(port=49108, grpc_port=49110, stream_port=49120), GrpcSettings(processes=3))
+    assert targets == {
+        WORKER_JOB: ["127.0.0.1:49108"],
+        GRPC_JOB: [f"127.0.0.1:{p}" for p in (49110, 49111, 49112)],
+        FEATURES_JOB: ["127.0.0.1:49120"],
+    }
     config = yaml.safe_load(write_prometheus_setup(tmp_path, targets, [RULES_FILE]).read_text())
     assert config["rule_files"] == [str(RULES_FILE)]
+    assert [job["job_name"] for job in config["scrape_configs"]] == [WORKER_JOB, GRPC_JOB, FEATURES_JOB]
     for job in config["scrape_configs"]:
         (files,) = [sd["files"] for sd in job["file_sd_configs"]]
         (written,) = yaml.safe_load(Path(files[0]).read_text())

@@ -1,6 +1,7 @@
 """The Grafana dashboard: it queries only metrics the code defines, follows the lint rules of
 Grafana's dashboard-linter, and every panel's query returns data from a real Prometheus after
-real traffic through both paths (a Kafka worker and two gRPC server processes)."""
+real traffic through both paths (a Kafka worker and two gRPC server processes) and the
+stream feature job consuming the same transactions and fraud labels."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from prometheus_client import REGISTRY
 import workers.metrics  # noqa: F401  (registers every metric)
 from tests.deploy.prometheus import PrometheusServer, has_numbers, query_at
 from tests.kafka.harness import Collector, WorkerProcess, feast_env, live, produce, produce_transactions, worker_env
+from tests.stream import harness as stream
 from workers import codec
-from workers.cli.stack_env import GRPC_JOB, WORKER_JOB, scrape_targets
+from workers.cli.stack_env import FEATURES_JOB, GRPC_JOB, WORKER_JOB, scrape_targets
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
+from workers.records import US_PER_DAY, FraudLabel
 from workers.settings import REPO_ROOT, GrpcSettings, KafkaSettings, Settings
 
 DASHBOARD_PATH = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "fraudscore.json"
@@ -111,6 +114,15 @@ def _ready(port: int) -> bool:
         return False
 
 
+def _labels(txns: list) -> list[FraudLabel]:
+    """Fraud labels on some of ``txns`` (applied), and one on a transaction older than any
+    retained day (late): the label results the features row shows."""
+    now_us = time.time_ns() // 1000
+    labels = [FraudLabel(t.transaction_id, t.customer_id, t.terminal_id, t.event_time_us, True, now_us) for t in txns]
+    old = txns[0]
+    return [*labels, FraudLabel("too-old", old.customer_id, old.terminal_id, now_us - 400 * US_PER_DAY, True, now_us)]
+
+
 def _start(args: list[str], env: dict[str, str], log_path: Path) -> WorkerProcess:
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
@@ -143,7 +155,7 @@ def _grpc_traffic(port: int, txns: list, channels: int = 4) -> int:
 @pytest.mark.kafka
 @pytest.mark.redis
 @pytest.mark.timeout(300)
-def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_both_paths(
+def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_both_paths_and_the_job(
     local_stack: Settings, kafka_topics: KafkaSettings, features: Settings, tmp_path: Path
 ) -> None:
     metrics = local_stack.metrics
@@ -156,30 +168,49 @@ def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_b
         {**base_env, "FRAUDSCORE_METRICS__GRPC_PORT": str(metrics.grpc_port)},
         tmp_path / "grpc.log",
     )
+    # The stream feature job on this test's topics, writing into the workers' feature store.
+    job_settings = stream.job_settings(features, kafka_topics, tmp_path).model_copy(update={"feast": features.feast})
+    job_env = stream.job_env(job_settings, "dash", FRAUDSCORE_METRICS__STREAM_PORT=str(metrics.stream_port))
+    feature_job = stream.start_job(job_env, tmp_path / "job.log")
+    processes = (worker, servers, feature_job)
     targets = scrape_targets(metrics, GrpcSettings(processes=GRPC_PROCESSES))
     prometheus = PrometheusServer(tmp_path / "prometheus", targets).start()
     collector = Collector(kafka_topics, kafka_topics.decisions_topic)
     try:
-        metrics_ports = [metrics.port] + [metrics.grpc_port + i for i in range(GRPC_PROCESSES)]
+        metrics_ports = [metrics.port, metrics.stream_port] + [metrics.grpc_port + i for i in range(GRPC_PROCESSES)]
         deadline = time.monotonic() + 120
         while not all(_ready(port) for port in metrics_ports):
-            assert time.monotonic() < deadline, (worker.log()[-2000:], servers.log()[-2000:])
-            assert worker.process.poll() is None and servers.process.poll() is None, (worker.log(), servers.log())
+            assert time.monotonic() < deadline, [p.log()[-2000:] for p in processes]
+            assert all(p.process.poll() is None for p in processes), [p.log()[-2000:] for p in processes]
             time.sleep(0.5)
 
         kafka_txns = live(600, seed=21)
         grpc_txns = live(300, seed=22)
         produce(kafka_topics, [(f"bad-{i}", b"{not json") for i in range(10)])  # the DLQ panel's data
+        stream.produce_raw(kafka_topics, kafka_topics.labels_topic, [b"{not a label"] * 3)  # labels to their DLQ
         traffic_started = time.monotonic()
         for chunk in range(0, len(kafka_txns), 100):  # spread over time so rates see it
             produce_transactions(kafka_topics, kafka_txns[chunk : chunk + 100])
             assert _grpc_traffic(grpc_port, grpc_txns[chunk // 2 : chunk // 2 + 50]) == 50
+            stream.produce_labels(kafka_topics, _labels(kafka_txns[chunk : chunk + 5]))
             time.sleep(1.0)
         collector.read_until(lambda m: len(m) >= len(kafka_txns), timeout_s=60)
+        # Each transaction is applied on its customer side and on its terminal side.
+        applied = {"kind": "transaction", "result": "applied"}
+        job_applied = stream.wait_for_metric(
+            metrics.stream_port, "fraudscore_stream_events_total", applied, 2 * len(kafka_txns), timeout_s=60
+        )
+        job_events = {
+            (kind, result): stream.metric_value(
+                metrics.stream_port, "fraudscore_stream_events_total", {"kind": kind, "result": result}
+            )
+            for kind, result in (("transaction", "invalid"), ("label", "applied"), ("label", "late"), ("label", "dlq"))
+        }
         # A few scrapes and rule evaluations after the traffic; lag is reported every 5 s.
         time.sleep(max(0.0, 12 - (time.monotonic() - traffic_started)))
 
-        stack_up = _stack_prometheus_up(local_stack, [f"127.0.0.1:{metrics.port}", f"127.0.0.1:{metrics.grpc_port}"])
+        stack_instances = [f"127.0.0.1:{port}" for port in (metrics.port, metrics.grpc_port, metrics.stream_port)]
+        stack_up = _stack_prometheus_up(local_stack, stack_instances)
         up = prometheus.targets_up()
         results = {
             (title, ref): query_at(prometheus.url, _substituted(expr)) for title, ref, expr in _targets(_dashboard())
@@ -189,18 +220,26 @@ def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_b
     finally:
         collector.close()
         prometheus.stop()
-        assert servers.stop() == 0, servers.log()[-3000:]
-        assert worker.stop() == 0, worker.log()[-3000:]
+        # Every process is stopped before any exit code is judged: none outlives a failure.
+        exit_codes = [process.stop() for process in processes]
+        assert exit_codes == [0, 0, 0], [process.log()[-3000:] for process in processes]
 
     assert len(collector.messages) >= len(kafka_txns)
     assert up == {(job, address): 1.0 for job, addresses in targets.items() for address in addresses}
-    assert stack_up == {f"127.0.0.1:{metrics.port}": 1.0, f"127.0.0.1:{metrics.grpc_port}": 1.0}, (
-        "the local stack's Prometheus scrapes the worker and the gRPC process on the configured ports"
+    assert job_applied == 2 * len(kafka_txns), feature_job.log()[-3000:]
+    assert job_events == {
+        ("transaction", "invalid"): 10,
+        ("label", "applied"): 5 * len(range(0, len(kafka_txns), 100)),
+        ("label", "late"): len(range(0, len(kafka_txns), 100)),
+        ("label", "dlq"): 3,
+    }, feature_job.log()[-3000:]
+    assert stack_up == {instance: 1.0 for instance in stack_instances}, (
+        "the local stack's Prometheus scrapes the worker, the gRPC process and the feature job on the configured ports"
     )
-    assert sorted(job_values) == [GRPC_JOB, WORKER_JOB]
+    assert sorted(job_values) == [FEATURES_JOB, GRPC_JOB, WORKER_JOB]
     assert sorted(instance_values) == sorted(targets[GRPC_JOB])
     empty = [f"{title} [{ref}]" for (title, ref), result in results.items() if not has_numbers(result)]
-    assert not empty, f"panels without data after traffic through both paths: {empty}"
+    assert not empty, f"panels without data after traffic through both paths and the job: {empty}"
     print(f"{len(results)} panel queries returned data; targets up: {sorted(up)}")
 
 

@@ -130,3 +130,53 @@ def test_manifests_agree_with_the_settings_and_the_code() -> None:
         pdb = rendered[("PodDisruptionBudget", name)]
         assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
         assert deployment["metadata"]["namespace"] == "fraud"
+
+
+def test_feature_job_manifests_agree_with_the_settings_and_the_code() -> None:
+    from workers.settings import Settings, StreamSettings
+    from workers.stream.topology import build_app
+
+    rendered = objects(render(KUSTOMIZATIONS[-1]))
+    metrics, stream = MetricsSettings(), StreamSettings()
+    job = rendered[("StatefulSet", "fraudscore-features")]
+    container = _container(job)
+    assert container["command"] == ["fraudscore", "features", "stream"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"metrics": metrics.stream_port}
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(metrics.stream_port)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+    live = container["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= metrics.loop_stall_s
+    assert "memory" in container["resources"]["limits"] and container["resources"]["requests"]["cpu"]
+
+    # Production state: rocksdb on the pod's own volume, the pod name as static membership.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FRAUDSCORE_STREAM__STORE"]["value"] == "rocksdb"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["FRAUDSCORE_STREAM__DATA_DIR"]["value"] == mounts["state"]
+    assert [t["metadata"]["name"] for t in job["spec"]["volumeClaimTemplates"]] == ["state"]
+    assert env["FRAUDSCORE_STREAM__INSTANCE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert job["spec"]["replicas"] <= stream.partitions, "a replica past stream.partitions idles"
+
+    # SIGTERM: a last store write (one retry interval at most) and a last offset commit, bounded
+    # by faust's broker request timeout (a static member sends no LeaveGroup); the grace period
+    # outlasts them, but stays short enough that a node drain is not held for minutes.
+    conf = build_app(Settings(stream=stream)).conf
+    shutdown_s = stream.retry_max_s + conf.broker_commit_interval + conf.broker_request_timeout
+    grace = job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert shutdown_s < grace <= 120, (shutdown_s, grace)
+
+    # The governing Service (stable pod names) and the disruption budget select these pods.
+    selector = job["spec"]["selector"]["matchLabels"]
+    assert job["spec"]["template"]["metadata"]["labels"] == selector
+    service = rendered[("Service", "fraudscore-features")]
+    assert job["spec"]["serviceName"] == "fraudscore-features" and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == selector
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
+    pdb = rendered[("PodDisruptionBudget", "fraudscore-features")]
+    assert pdb["spec"]["selector"]["matchLabels"] == selector
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert job["metadata"]["namespace"] == "fraud"

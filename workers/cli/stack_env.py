@@ -6,7 +6,8 @@ tests will look (``FRAUDSCORE_*`` env vars included).
 
 ``python -m workers.cli.stack_env prometheus DIR`` writes DIR/prometheus.yml and one file-based
 target list per job (DIR/targets/<job>.json): the Kafka worker on ``metrics.port``, each gRPC
-process on ``metrics.grpc_port + i`` for ``grpc.processes``. Prometheus re-reads target files
+process on ``metrics.grpc_port + i`` for ``grpc.processes``, the stream feature job
+(``fraudscore features stream``) on ``metrics.stream_port``. Prometheus re-reads target files
 on change, so re-running it after changing the settings needs no restart.
 ``deploy/prometheus.yml`` (Docker) lists the same jobs and targets for the default settings;
 tests/test_settings.py keeps the two in step.
@@ -24,6 +25,7 @@ from workers.settings import REPO_ROOT, GrpcSettings, MetricsSettings, load_sett
 
 WORKER_JOB = "fraudscore-worker"
 GRPC_JOB = "fraudscore-grpc"
+FEATURES_JOB = "fraudscore-features"
 RULES_FILE = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
 
 
@@ -49,6 +51,8 @@ def scrape_targets(metrics: MetricsSettings, grpc: GrpcSettings) -> dict[str, li
     return {
         WORKER_JOB: [f"{host}:{metrics.port}"],
         GRPC_JOB: [f"{host}:{metrics.grpc_port + i}" for i in range(max(1, grpc.processes))],
+        # One job process per host: a second one on the same host needs its own stream_port.
+        FEATURES_JOB: [f"{host}:{metrics.stream_port}"],
     }
 
 
