@@ -19,7 +19,9 @@ same atomic step as its values: an empty store and a store of unknown customers 
 otherwise, and asking separately would cost a second round trip per batch.
 
 Each call touches up to ``KEYS_PER_CALL`` hashes, so one call blocks Redis for a few
-milliseconds at most (2.3-3.6 ms per 512 customers on the 2-core box at load 5-6); a batch
+milliseconds at most (2.3-3.6 ms per 512 customers on the 2-core box at load 5-6, so 256
+keep a gRPC read queued behind a Kafka batch's call short, and each reply well inside the read
+timeout); a batch
 needs a few calls, sent in one pipeline round trip. Redis
 Cluster refuses multi-key scripts across slots: callers fall back to the pipeline.
 """
@@ -30,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-KEYS_PER_CALL = 512
+KEYS_PER_CALL = 256
 
 # KEYS[1]: the watermark; KEYS[2..]: the hashes. ARGV[1]: how many hashes read field ARGV[2]
 # (the customers, first); the others read field ARGV[3].
