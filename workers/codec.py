@@ -92,8 +92,8 @@ def _decode_json(payload: bytes) -> Transaction:
         # saying so: the same defect gets the same DLQ kind whichever is installed.
         kind = "invalid-utf8" if "utf-8" in str(exc).lower() else "malformed-json"
         raise InvalidEvent(kind, str(exc)) from None
-    if _may_repeat_a_field(payload):
-        _reject_repeated_fields(payload)
+    if _may_repeat_a_field(payload, _FIELD_TOKENS):
+        _reject_repeated_fields(payload, Transaction.__struct_fields__)
     return transaction
 
 
@@ -104,15 +104,15 @@ def _decode_json(payload: bytes) -> Transaction:
 _FIELD_TOKENS = tuple(f'"{name}"'.encode() for name in Transaction.__struct_fields__)
 
 
-def _may_repeat_a_field(payload: bytes) -> bool:
-    return b"\\" in payload or any(payload.count(token) > 1 for token in _FIELD_TOKENS)
+def _may_repeat_a_field(payload: bytes, field_tokens: tuple[bytes, ...]) -> bool:
+    return b"\\" in payload or any(payload.count(token) > 1 for token in field_tokens)
 
 
-def _reject_repeated_fields(payload: bytes) -> None:
+def _reject_repeated_fields(payload: bytes, fields: tuple[str, ...]) -> None:
     def check_object(pairs: list[tuple[str, object]]) -> dict:
         seen: set[str] = set()
         for key, _ in pairs:
-            if key in seen and key in Transaction.__struct_fields__:
+            if key in seen and key in fields:
                 raise InvalidEvent("schema", f"field {key!r} appears more than once")
             seen.add(key)
         return dict(pairs)
@@ -309,21 +309,9 @@ def _decode_label_json(payload: bytes) -> FraudLabel:
     except msgspec.DecodeError as exc:
         kind = "invalid-utf8" if "utf-8" in str(exc).lower() else "malformed-json"
         raise InvalidEvent(kind, _clip(str(exc))) from None
-    if b"\\" in payload or any(payload.count(token) > 1 for token in _LABEL_FIELD_TOKENS):
-        _reject_repeated_label_fields(payload)
+    if _may_repeat_a_field(payload, _LABEL_FIELD_TOKENS):
+        _reject_repeated_fields(payload, FraudLabel.__struct_fields__)
     return label
-
-
-def _reject_repeated_label_fields(payload: bytes) -> None:
-    def check_object(pairs: list[tuple[str, object]]) -> dict:
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen and key in FraudLabel.__struct_fields__:
-                raise InvalidEvent("schema", f"field {key!r} appears more than once")
-            seen.add(key)
-        return dict(pairs)
-
-    json.loads(payload, object_pairs_hook=check_object)
 
 
 def _decode_label_protobuf(payload: bytes) -> FraudLabel:
