@@ -103,6 +103,18 @@ class Probes:
             return dict(checks)
 
 
+def is_ready(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether the process serving probes on ``port`` answers ``/readyz`` with 200 (its
+    starters and the tests wait on this)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
 def _run(checks: dict[str, Check]) -> tuple[bool, dict[str, CheckResult]]:
     results = {}
     for name, check in checks.items():

@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -24,6 +23,7 @@ from tests.kafka.harness import Collector, WorkerProcess, feast_env, live, produ
 from tests.stream import harness as stream
 from workers import codec
 from workers.cli.stack_env import FEATURES_JOB, GRPC_JOB, WORKER_JOB, scrape_targets
+from workers.health import is_ready
 from workers.proto.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from workers.records import US_PER_DAY, FraudLabel
 from workers.settings import REPO_ROOT, GrpcSettings, KafkaSettings, Settings
@@ -106,14 +106,6 @@ def test_dashboard_follows_the_dashboard_linter_rules() -> None:
 # --- every panel against a real Prometheus after real traffic ---------------------------
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
 def _labels(txns: list) -> list[FraudLabel]:
     """Fraud labels on some of ``txns`` (applied), and one on a transaction older than any
     retained day (late): the label results the features row shows."""
@@ -179,7 +171,7 @@ def test_every_panel_returns_data_from_a_real_prometheus_after_traffic_through_b
     try:
         metrics_ports = [metrics.port, metrics.stream_port] + [metrics.grpc_port + i for i in range(GRPC_PROCESSES)]
         deadline = time.monotonic() + 120
-        while not all(_ready(port) for port in metrics_ports):
+        while not all(is_ready(port) for port in metrics_ports):
             assert time.monotonic() < deadline, [p.log()[-2000:] for p in processes]
             assert all(p.process.poll() is None for p in processes), [p.log()[-2000:] for p in processes]
             time.sleep(0.5)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from workers.features import definitions as d
 from workers.features import history as state
 from workers.features import offline
 from workers.features.store import load_online
+from workers.health import is_ready
 from workers.offline.simulator import LiveStream, SimulatorConfig, simulate_transactions
 from workers.offline.training import onnx_scores, read_model_contract
 from workers.proto.fraud.v1 import fraud_pb2
@@ -37,14 +37,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
 MODEL_DIR = REPO_ROOT / "models" / "card-testing"  # trained with the scenario (models/README.md)
 GAP_S = 0.5  # between purchases: far above the job's freshness at this rate
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def _frozen_outcomes(history, burst: list[Transaction]) -> list[int]:
@@ -98,7 +90,7 @@ def test_a_card_testing_burst_changes_the_cards_decisions_within_the_burst(
     outcomes: list[int] = []
     try:
         deadline = time.monotonic() + 120
-        while not (_ready(job_port) and _ready(worker_port)):
+        while not (is_ready(job_port) and is_ready(worker_port)):
             assert time.monotonic() < deadline, (stream_job.log()[-2000:], worker.log()[-2000:])
             time.sleep(0.5)
         burst = LiveStream.create(config=sim).card_testing_burst(customer=card)

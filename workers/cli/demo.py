@@ -29,6 +29,7 @@ import numpy as np
 from confluent_kafka import Consumer
 
 from workers import codec
+from workers.health import is_ready
 from workers.kafka.config import connection_config
 from workers.settings import REPO_ROOT, Settings
 
@@ -168,7 +169,7 @@ def _card_testing(settings: Settings, stop: threading.Event) -> None:
     from workers.offline.producer import DemoProducer
 
     ports = (settings.metrics.port, settings.metrics.stream_port)  # the worker's and the feature job's
-    while not all(_ready(port) for port in ports):
+    while not all(is_ready(port) for port in ports):
         if stop.wait(1.0):
             return
     if stop.wait(_BURST_AFTER_S):
@@ -182,16 +183,6 @@ def _card_testing(settings: Settings, stop: threading.Event) -> None:
         producer.send_one(f"{_BURST_PREFIX}{i + 1}-of-{len(burst)}", txn, event_time_us=time.time_ns() // 1000)
         stop.wait(_BURST_GAP_S)
     producer.close()
-
-
-def _ready(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def _call_grpc(settings: Settings, callers: CallerStats, stop: threading.Event) -> None:
