@@ -193,10 +193,11 @@ class MetricsSettings(BaseModel):
 class StreamSettings(BaseModel):
     """The stream feature job (``fraudscore features stream``, ``workers/stream``)."""
 
-    # The faust app id: its consumer group, and the prefix of its repartition topics
-    # (<app_id>-by-customer, <app_id>-by-terminal) and table changelogs (<app_id>-<table>-changelog).
+    # The faust app id: its consumer group (<app_id>; <app_id>-sources reads the source topics),
+    # and the prefix of its repartition topic (<app_id>-by-entity) and table changelogs
+    # (<app_id>-<table>-changelog).
     app_id: str = "fraudscore-features"
-    # Partitions of both repartition topics and of both changelogs: they must be equal, because
+    # Partitions of the repartition topic and of both changelogs: they must be equal, because
     # a table's changelog partition p holds exactly the entities of repartition partition p.
     partitions: int = 6
     # "memory" for tests (state rebuilt from the changelog at start); "rocksdb" (rocksdict)

@@ -267,7 +267,9 @@ def rewind_sources(settings: Settings) -> None:
         for topic in (settings.kafka.transactions_topic, settings.kafka.labels_topic)
         for p in metadata.topics[topic].partitions
     ]
-    request = ConsumerGroupTopicPartitions(settings.stream.app_id, partitions)
+    from workers.stream.split import source_group
+
+    request = ConsumerGroupTopicPartitions(source_group(settings), partitions)
     # A stopped static member stays in the group until its session times out, and offsets of
     # a group with members cannot be changed: retry until it has left.
     deadline = time.monotonic() + 60
@@ -281,7 +283,7 @@ def rewind_sources(settings: Settings) -> None:
         except Exception as exc:  # the broker refuses while the group is not empty
             errors = [exc]
         if time.monotonic() > deadline:
-            raise AssertionError(f"could not rewind {settings.stream.app_id}: {errors}")
+            raise AssertionError(f"could not rewind {source_group(settings)}: {errors}")
         time.sleep(1)
 
 

@@ -103,8 +103,11 @@ def _job_env(settings: Settings) -> dict[str, str]:
     and earlier runs' events (or an earlier run's job state) would not continue it."""
     from confluent_kafka import TopicPartition
 
+    from workers.stream.split import source_group
+
     app_id = f"fraudscore-features-demo-{uuid.uuid4().hex[:6]}"
-    consumer = Consumer({**connection_config(settings.kafka, "demo"), "group.id": app_id})
+    demo_job = settings.model_copy(update={"stream": settings.stream.model_copy(update={"app_id": app_id})})
+    consumer = Consumer({**connection_config(settings.kafka, "demo"), "group.id": source_group(demo_job)})
     try:
         ends = []
         for topic in (settings.kafka.transactions_topic, settings.kafka.labels_topic):

@@ -77,28 +77,48 @@ def trim_customer(events: np.ndarray) -> np.ndarray:
     """Drops what no window can reach any more: older than the retention, beyond the cap."""
     if len(events) == 0:
         return events
-    keep_from = int(events["time_us"][-1]) - CUSTOMER_RETENTION_US
-    first = int(np.searchsorted(events["time_us"], keep_from, side="left"))
+    times = events["time_us"]
+    keep_from = int(times[-1]) - CUSTOMER_RETENTION_US
+    if int(times[0]) >= keep_from and len(events) <= CUSTOMER_MAX_EVENTS:
+        return events  # the common case, without a search: nothing to drop
+    first = int(np.searchsorted(times, keep_from, side="left"))
     first = max(first, len(events) - CUSTOMER_MAX_EVENTS)
     return events[first:]
 
 
 def merge_customer(events: np.ndarray, new_events: np.ndarray) -> np.ndarray:
     """Adds events (order kept among equal times: the earlier-arrived first), then trims."""
-    merged = np.concatenate([events, new_events.astype(CUSTOMER_EVENT_DTYPE, copy=False)])
-    return trim_customer(merged[np.argsort(merged["time_us"], kind="stable")])
+    new_events = new_events.astype(CUSTOMER_EVENT_DTYPE, copy=False)
+    merged = np.concatenate([events, new_events])
+    if not _in_order(events, new_events):
+        merged = merged[np.argsort(merged["time_us"], kind="stable")]
+    return trim_customer(merged)
+
+
+def _in_order(events: np.ndarray, new_events: np.ndarray) -> bool:
+    """True when appending ``new_events`` keeps the time order (what a live stream does): the
+    stable sort would then return the concatenation as it is, so it is skipped."""
+    times = new_events["time_us"]
+    if len(times) == 0:
+        return True
+    if len(events) and int(times[0]) < int(events["time_us"][-1]):
+        return False
+    return len(times) == 1 or bool((times[1:] >= times[:-1]).all())
 
 
 def trim_terminal(tiles: np.ndarray) -> np.ndarray:
     if len(tiles) == 0:
         return tiles
-    keep_from = int(tiles["day"][-1]) - TERMINAL_RETENTION_DAYS + 1
-    return tiles[int(np.searchsorted(tiles["day"], keep_from, side="left")) :]
+    days = tiles["day"]
+    keep_from = int(days[-1]) - TERMINAL_RETENTION_DAYS + 1
+    if int(days[0]) >= keep_from:
+        return tiles
+    return tiles[int(np.searchsorted(days, keep_from, side="left")) :]
 
 
 def merge_terminal(tiles: np.ndarray, day: int, tx_delta: int, fraud_delta: int) -> np.ndarray:
     """Adds counts to one day's tile (creating it), then trims. Counts never go below 0."""
-    position = int(np.searchsorted(tiles["day"], day, side="left"))
+    position = _tile_position(tiles, day)
     if position < len(tiles) and int(tiles["day"][position]) == day:
         out = tiles.copy()
         out["tx"][position] = max(0, int(out["tx"][position]) + tx_delta)
@@ -106,6 +126,20 @@ def merge_terminal(tiles: np.ndarray, day: int, tx_delta: int, fraud_delta: int)
         return trim_terminal(out)
     tile = np.array([(day, max(0, tx_delta), max(0, fraud_delta))], dtype=TERMINAL_TILE_DTYPE)
     return trim_terminal(np.concatenate([tiles[:position], tile, tiles[position:]]))
+
+
+def _tile_position(tiles: np.ndarray, day: int) -> int:
+    """Where ``day`` is or goes among the sorted tiles; a live stream adds to the last day or
+    starts a new one, so those two are tried before a search."""
+    n = len(tiles)
+    if n == 0:
+        return 0
+    last = int(tiles["day"][-1])
+    if day > last:
+        return n
+    if day == last:
+        return n - 1
+    return int(np.searchsorted(tiles["day"], day, side="left"))
 
 
 def terminal_tiles(day: np.ndarray, tx: np.ndarray, fraud: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ import numpy as np
 
 from workers.errors import FeaturesLost, FeaturesUnavailable
 from workers.features import definitions as d
-from workers.features import history, offline, redis_script, watermark
+from workers.features import history, keys, offline, redis_script, watermark
 from workers.records import EVENT_TIME_MIN_US, US_PER_DAY
 from workers.settings import Settings
 from workers.types import EntityFeatures, FeatureReader
@@ -349,34 +349,27 @@ def _is_store_failure(exc: BaseException) -> bool:
 class LeanRedisReader:
     """One ``HGET`` per distinct entity, all in one server-side script call per batch."""
 
-    _KEY_CACHE_LIMIT = 1_000_000
-
     def __init__(self, settings: Settings, project: str | None = None) -> None:
         import redis
-        from feast.infra.online_stores.helpers import _mmh3, _redis_key
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.infra.online_stores.helpers import _mmh3
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         # store first: it is where Feast gets imported (and its side effects undone).
-        from workers.features.store import ENTITY_KEY_SERIALIZATION_VERSION
+        import workers.features.store  # noqa: F401
 
         self._project = project or settings.feast.project
         self._watermark_key = watermark.key(self._project)
-        self._redis_key = _redis_key
-        self._entity_key = EntityKey
-        self._value = Value
         self._redis_errors = (redis.exceptions.RedisError, OSError)
         timeout_s = settings.redis.timeout_ms / 1000
         # No retries: the engine has a millisecond budget and a fallback for a failed read.
         self._client = redis.Redis.from_url(
             settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
         )
-        self._serialization_version = ENTITY_KEY_SERIALIZATION_VERSION
+        self._customer_key = keys.redis_key_function(self._project, d.CUSTOMER_JOIN_KEY)
+        self._terminal_key = keys.redis_key_function(self._project, d.TERMINAL_JOIN_KEY)
         self._customer_field = _mmh3(f"{d.CUSTOMER_VIEW}:{d.CUSTOMER_EVENTS_FIELD}")
         self._terminal_field = _mmh3(f"{d.TERMINAL_VIEW}:{d.TERMINAL_TILES_FIELD}")
-        self._keys: dict[tuple[str, int], bytes] = {}
         # Each engine thread keeps one connection of its own: going through the client costs a
         # pool checkout, a retry wrapper and a release per command (~40 us of CPU, half of a
         # 1-row read, measured), and a connection can only carry one thread's command at a time.
@@ -388,24 +381,12 @@ class LeanRedisReader:
         self._no_script_error = redis.exceptions.NoScriptError
         self._connection_error = redis.exceptions.ConnectionError
 
-    def _key(self, join_key: str, entity_id: int) -> bytes:
-        cached = self._keys.get((join_key, entity_id))
-        if cached is None:
-            if len(self._keys) >= self._KEY_CACHE_LIMIT:
-                self._keys.clear()
-            entity = self._entity_key(join_keys=[join_key], entity_values=[self._value(int64_val=entity_id)])
-            cached = self._redis_key(
-                self._project, entity, entity_key_serialization_version=self._serialization_version
-            )
-            self._keys[(join_key, entity_id)] = cached
-        return cached
-
     def read(self, customer_ids: np.ndarray, terminal_ids: np.ndarray, event_time_us: np.ndarray) -> EntityFeatures:
         customers, customer_rows = _distinct(customer_ids)
         terminals, terminal_rows = _distinct(terminal_ids)
-        keys = [self._key(d.CUSTOMER_JOIN_KEY, c) for c in customers]
-        keys += [self._key(d.TERMINAL_JOIN_KEY, t) for t in terminals]
-        raw = self._fetch(keys, len(customers))
+        customer_key, terminal_key = self._customer_key, self._terminal_key
+        hashes = [customer_key(int(c)) for c in customers] + [terminal_key(int(t)) for t in terminals]
+        raw = self._fetch(hashes, len(customers))
         n = len(customers)
         customer_raw = redis_script.RawValues(raw.lengths[:n], raw.blob)
         # The terminals' values follow the customers' in the blob.

@@ -21,10 +21,11 @@ The watermark (``watermark.py``) is not touched: only a backfill says the store 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from workers.features import definitions as d
+from workers.features import keys
 from workers.settings import Settings
 
 # KEYS: entity hashes. ARGV[1]: ts field, ARGV[2]: us field, ARGV[3]: feature field; then per
@@ -56,6 +57,7 @@ class _View:
     feature_field: bytes
     name: str
     feature: str
+    key: Callable[[int], bytes]
 
 
 @dataclass(frozen=True)
@@ -69,17 +71,13 @@ class FeatureWriter:
 
     def __init__(self, settings: Settings, project: str | None = None) -> None:
         import redis
-        from feast.infra.online_stores.helpers import _mmh3, _redis_key
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.infra.online_stores.helpers import _mmh3
         from feast.protos.feast.types.Value_pb2 import Value
         from google.protobuf.timestamp_pb2 import Timestamp
 
-        from workers.features.store import ENTITY_KEY_SERIALIZATION_VERSION
-
         self._project = project or settings.feast.project
         self._client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.timeout_ms / 1000 * 20)
-        self._redis_key, self._entity_key, self._value, self._timestamp = _redis_key, EntityKey, Value, Timestamp
-        self._version = ENTITY_KEY_SERIALIZATION_VERSION
+        self._value, self._timestamp = Value, Timestamp  # to read what the store holds
         self._views = {
             view: _View(
                 join_key,
@@ -88,6 +86,7 @@ class FeatureWriter:
                 _mmh3(f"{view}:{feature}"),
                 view,
                 feature,
+                keys.redis_key_function(self._project, join_key),
             )
             for view, join_key, feature in (
                 (d.CUSTOMER_VIEW, d.CUSTOMER_JOIN_KEY, d.CUSTOMER_EVENTS_FIELD),
@@ -97,10 +96,7 @@ class FeatureWriter:
         self._script = self._client.register_script(WRITE_IF_NOT_OLDER)
 
     def key(self, view: str, entity_id: int) -> bytes:
-        entity = self._entity_key(
-            join_keys=[self._views[view].join_key], entity_values=[self._value(int64_val=int(entity_id))]
-        )
-        return self._redis_key(self._project, entity, entity_key_serialization_version=self._version)
+        return self._views[view].key(int(entity_id))
 
     def write(
         self, customers: Mapping[int, tuple[bytes, int]], terminals: Mapping[int, tuple[bytes, int]]
@@ -121,22 +117,15 @@ class FeatureWriter:
         spec = self._views[view]
         items = list(rows.items())
         calls = []
+        key, timestamp, value = spec.key, keys.timestamp, keys.bytes_value
         for start in range(0, len(items), ENTITIES_PER_CALL):
-            keys: list[bytes] = []
+            hashes: list[bytes] = []
             argv: list = [spec.ts_field, spec.us_field, spec.feature_field]
             for entity_id, (blob, time_us) in items[start : start + ENTITIES_PER_CALL]:
-                keys.append(self.key(view, entity_id))
-                argv += [
-                    int(time_us),
-                    self._timestamp_bytes(int(time_us)),
-                    self._value(bytes_val=blob).SerializeToString(),
-                ]
-            calls.append((keys, argv))
+                hashes.append(key(int(entity_id)))
+                argv += [int(time_us), timestamp(int(time_us)), value(blob)]
+            calls.append((hashes, argv))
         return calls
-
-    def _timestamp_bytes(self, time_us: int) -> bytes:
-        ts = self._timestamp(seconds=time_us // 1_000_000, nanos=(time_us % 1_000_000) * 1_000)
-        return ts.SerializeToString()
 
     def read_blobs(self, view: str, entity_ids: list[int]) -> dict[int, bytes]:
         """The packed state the store holds for these entities (absent ones left out)."""
@@ -151,10 +140,10 @@ class FeatureWriter:
         materialization wrote, its ``_ts:<view>``. ``backfill_only``: only rows this writer did
         not write (no ``_us:<view>``), i.e. what a materialization left."""
         spec = self._views[view]
+        fields = [spec.feature_field, spec.us_field, spec.ts_field]
         with self._client.pipeline(transaction=False) as pipe:
             for entity_id in entity_ids:
-                fields = [spec.feature_field, spec.us_field, spec.ts_field]
-                pipe.hmget(self.key(view, entity_id), fields)  # type: ignore[arg-type]
+                pipe.hmget(spec.key(int(entity_id)), fields)  # type: ignore[arg-type]
             replies = pipe.execute()
         states = {}
         for entity_id, (raw, us, ts) in zip(entity_ids, replies):

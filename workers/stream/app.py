@@ -1,7 +1,7 @@
 """Running the stream feature job: ``fraudscore features stream`` (one process of the group).
 
 Several processes with the same ``stream.app_id`` share the partitions (faust's consumer
-group); each needs its own ``stream.web_port`` and ``metrics.stream_port`` on one host, and
+group ``<app_id>`` for the repartition topics, ``<app_id>-sources`` for the source topics); each needs its own ``stream.web_port`` and ``metrics.stream_port`` on one host, and
 its own ``stream.data_dir`` with the rocksdb store. Give each a stable ``stream.instance_id``
 (static membership) so that a restart after a crash gets its partitions back at once.
 """
@@ -26,6 +26,8 @@ def run(settings: Settings) -> int:
     job = FeatureJob(settings, FeatureWriter(settings))
     probes = Probes()
     probes.add_ready("partitions", lambda: _assigned(job))
+    probes.add_ready("source_partitions", job.splitter.assignment)
+    probes.add_live("source_loop", job.splitter.alive)
     # A crashed faust service (e.g. its Fetcher on an unsupported codec) leaves the process
     # up and idle: liveness fails so that it is restarted.
     probes.add_live("faust", lambda: CheckResult(not job.app.crashed, "crashed" if job.app.crashed else ""))
@@ -39,10 +41,12 @@ def run(settings: Settings) -> int:
         settings.stream.web_port,
         settings.metrics.stream_port,
     )
+    job.splitter.start()
     try:
         worker = faust.Worker(job.app, loglevel=settings.log_level.lower(), redirect_stdouts=False)
         worker.execute_from_commandline()
     finally:
+        job.splitter.stop()
         health.stop()
     return 0
 

@@ -1,28 +1,30 @@
 """The stream feature job: a faust app keeping per-entity state and the online store exact.
 
-    transactions (any key) ──┐  split: decode, batch per slice,   ┌─> <app>-by-customer ──> customers table ─┐
-                             ├─ route by entity partition ────────┤                                           ├─> StoreSink -> Redis
-    fraud-labels (any key) ──┘  (bad labels -> fraud-labels.dlq)  └─> <app>-by-terminal ──> terminals table ─┘
+    transactions (any key) ──┐  stage 1 (``split``, librdkafka):       ┌─> customers table ─┐
+                             ├─ decode, batch per slice, route by ──> <app>-by-entity ──┤                    ├─> StoreSink -> Redis
+    fraud-labels (any key) ──┘  entity partition (bad labels: DLQ)     └─> terminals table ─┘
 
-Why batches: faust costs about 1.5 ms of CPU per message through an agent, a table write and a
-repartition (docs/studies/realtime-features-faust.md). So the first stage takes up to
-``stream.batch_max`` source events within ``stream.slice_ms`` (``take_events``: no table is
-touched there) and forwards them as ONE repartition message per target partition and entity
-kind; the second stage iterates those messages one by one (inside stream iteration, as faust
-needs for table writes) and applies each entity's events with ``state.apply_*``. faust's
-per-message cost is then paid per batch, not per event.
+Why two stages and batches: faust costs hundreds of microseconds of CPU per message through
+an agent (docs/studies/realtime-features-faust.md), and ~150 us per event merely to iterate a
+source topic. So stage 1 (``split.SourceSplitter``) reads the sources with librdkafka and
+forwards each slice of up to ``stream.batch_max`` events or ``stream.slice_ms`` as ONE
+repartition message per target partition, holding that partition's customer and terminal
+events (``state.EntityBatch``); stage 2, here, is faust: its agent iterates those messages one
+by one (inside stream iteration, as faust needs for table writes) and applies each entity's
+events with ``state.apply_*``. faust's per-message cost is then paid per slice and partition,
+not per event.
 
 Co-partitioning rules (also in the README):
-1. An entity's partition is ``entity_id mod stream.partitions`` (``state.partition_of``), in
-   both repartition topics. Only this job writes them (``<app_id>-by-customer``,
-   ``<app_id>-by-terminal``); a producer elsewhere need not key ``transactions`` or
+1. An entity's partition is ``entity_id mod stream.partitions`` (``state.partition_of``), for
+   customers and terminals alike. Only this job's stage 1 writes the repartition topic
+   (``<app_id>-by-entity``); a producer elsewhere need not key ``transactions`` or
    ``fraud-labels`` in any way.
-2. Each repartition topic and its table's changelog have ``stream.partitions`` partitions
+2. The repartition topic and both tables' changelogs have ``stream.partitions`` partitions
    (faust refuses to start otherwise). A table write goes to the changelog partition of the
-   message being processed (``use_partitioner`` is off): changelog partition p holds exactly
-   the entities of repartition partition p, so the process that owns p recovers them all.
-3. Labels travel through the terminal repartition topic (by ``terminal_id``): a label and its
-   terminal's transactions meet in one partition, in one table, in arrival order.
+   message being processed (``use_partitioner`` is off): changelog partition p of either table
+   holds exactly the entities of repartition partition p, so the process that owns p recovers them all.
+3. Labels travel with their terminal's events (by ``terminal_id``): a label and its terminal's
+   transactions meet in one partition, in one table, in arrival order.
 
 Exactness (see ``state``): records carry their source (partition, offset); the state skips
 replays per entity, so at-least-once delivery never counts an event twice, whatever a kill or
@@ -35,21 +37,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from typing import Any
 
 import faust
 import numpy as np
 
-from workers import codec, metrics
-from workers.errors import InvalidEvent
+from workers import metrics
 from workers.features import definitions as d
 from workers.settings import Settings
 from workers.stream import state
 from workers.stream.sink import StoreSink
+from workers.stream.split import SourceSplitter, by_entity_topic
 
 log = logging.getLogger(__name__)
+
+Rows = dict[int, tuple[bytes, int]]
+_NO_TIMES = np.empty(0, np.int64)
 
 CUSTOMERS_TABLE = "customers"
 TERMINALS_TABLE = "terminals"
@@ -63,14 +67,6 @@ _EVENTS = {
 }  # fmt: skip
 
 
-def by_customer_topic(settings: Settings) -> str:
-    return f"{settings.stream.app_id}-by-customer"
-
-
-def by_terminal_topic(settings: Settings) -> str:
-    return f"{settings.stream.app_id}-by-terminal"
-
-
 def changelog_topic(settings: Settings, table: str) -> str:
     return f"{settings.stream.app_id}-{table}-changelog"
 
@@ -78,8 +74,7 @@ def changelog_topic(settings: Settings, table: str) -> str:
 def job_topics(settings: Settings) -> list[str]:
     """Every topic the job creates for itself (repartition topics and changelogs)."""
     return [
-        by_customer_topic(settings),
-        by_terminal_topic(settings),
+        by_entity_topic(settings),
         changelog_topic(settings, CUSTOMERS_TABLE),
         changelog_topic(settings, TERMINALS_TABLE),
     ]
@@ -181,27 +176,22 @@ class Changelog:
         while self._producer.flush(5) > 0:
             log.warning("changelog records still unacknowledged after 5 s; waiting")
 
-    def put(self, table, topic: str, partition: int, key: bytes, value: bytes) -> None:
-        table.data[key] = value
+    def put(self, data, topic: str, partition: int, key: bytes, value: bytes) -> None:
+        """``data``: the table's store (``table.data``, looked up once per batch)."""
+        data[key] = value
         while True:
             try:
                 self._producer.produce(topic, key=key, value=value, partition=partition)
-                break
+                return
             except BufferError:
                 self._producer.poll(0.01)
+
+    def poll(self) -> None:
+        """Serves delivery reports; once per batch, not per record (a call costs as much as a produce)."""
         self._producer.poll(0)
 
     def close(self) -> None:
         self._flush_all()
-
-
-@dataclass
-class Counts:
-    """Totals of this process (logs, tests); the metrics carry the same by label."""
-
-    transactions: int = 0
-    labels: int = 0
-    applied: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 class FeatureJob:
@@ -215,38 +205,25 @@ class FeatureJob:
         self.changelog = Changelog(self.app, settings)
         self._customers_changelog = changelog_topic(settings, CUSTOMERS_TABLE)
         self._terminals_changelog = changelog_topic(settings, TERMINALS_TABLE)
-        self.counts = Counts()
+        self.splitter = SourceSplitter(settings)
         n = settings.stream.partitions
         self._partitions = n
         app = self.app
-        self.transactions = _raw_topic(app, settings.kafka.transactions_topic)
-        self.labels = _raw_topic(app, settings.kafka.labels_topic)
-        self.labels_dlq = _raw_topic(app, settings.kafka.labels_dlq_topic)
-        self.by_customer = _raw_topic(app, by_customer_topic(settings), n, internal=True)
-        self.by_terminal = _raw_topic(app, by_terminal_topic(settings), n, internal=True)
+        self.by_entity = _raw_topic(app, by_entity_topic(settings), n, internal=True)
         self.customers = _raw_table(app, CUSTOMERS_TABLE, n)
         self.terminals = _raw_table(app, TERMINALS_TABLE, n)
-        self._slice_s = settings.stream.slice_ms / 1000
-        self._batch_max = settings.stream.batch_max
         self._recovered = asyncio.Event()
         self._state_bytes = {"customer": 0, "terminal": 0}
         self._state_entities = {"customer": 0, "terminal": 0}
-        self._consumed_topics = {
-            settings.kafka.transactions_topic,
-            settings.kafka.labels_topic,
-            by_customer_topic(settings),
-            by_terminal_topic(settings),
-        }
+        # The source topics' lag is stage 1's to report (``split``).
+        self._consumed_topics = {by_entity_topic(settings)}
         self._register()
 
     # --- wiring ---------------------------------------------------------------------------------
 
     def _register(self) -> None:
         app = self.app
-        app.agent(self.transactions, name="split-transactions")(self._split_transactions)
-        app.agent(self.labels, name="split-labels")(self._split_labels)
-        app.agent(self.by_customer, name="customer-state")(self._customer_state)
-        app.agent(self.by_terminal, name="terminal-state")(self._terminal_state)
+        app.agent(self.by_entity, name="entity-state")(self._entity_state)
         app.task(self._run_sink)
         app.timer(5.0)(self._report)
         self.customers.on_recover(self._rewrite_customers)
@@ -259,142 +236,76 @@ class FeatureJob:
         finally:
             self.changelog.close()
 
-    # --- stage 1: split sources into per-partition batches --------------------------------------
-
-    async def _split_transactions(self, stream) -> None:
-        await _in_slices(stream, self._batch_max, self._slice_s, self._forward_transactions)
-
-    async def _split_labels(self, stream) -> None:
-        await _in_slices(stream, self._batch_max, self._slice_s, self._forward_labels)
-
-    async def _forward_transactions(self, events: list) -> None:
-        customers: dict[int, list[state.CustomerEvent]] = defaultdict(list)
-        terminals: dict[int, list[state.TerminalEvent]] = defaultdict(list)
-        for event in events:
-            message = event.message
-            try:
-                tx = codec.decode_transaction(message.value, codec.content_type_of(message.headers))
-            except InvalidEvent:
-                _EVENTS["transaction", "invalid"].inc()  # the scoring worker dead-letters it
-                continue
-            source = state.transaction_source(message.partition)
-            customers[state.partition_of(tx.customer_id, self._partitions)].append(
-                state.CustomerEvent(
-                    tx.customer_id,
-                    tx.event_time_us,
-                    # round() is numpy's rint on one float (half to even): history.amount_cents
-                    round(tx.amount * 100),
-                    tx.terminal_id,
-                    source,
-                    message.offset,
-                )
-            )
-            terminals[state.partition_of(tx.terminal_id, self._partitions)].append(
-                state.TerminalEvent(tx.terminal_id, tx.event_time_us, source, message.offset)
-            )
-        self.counts.transactions += len(events)
-        await self._forward(self.by_customer, customers)
-        await self._forward(self.by_terminal, terminals)
-
-    async def _forward_labels(self, events: list) -> None:
-        terminals: dict[int, list[state.TerminalEvent]] = defaultdict(list)
-        for event in events:
-            message = event.message
-            try:
-                label = codec.decode_label(message.value, codec.content_type_of(message.headers))
-            except InvalidEvent as exc:
-                await self._dead_letter(message, exc)
-                continue
-            terminals[state.partition_of(label.terminal_id, self._partitions)].append(
-                state.TerminalEvent(
-                    label.terminal_id,
-                    label.event_time_us,
-                    state.label_source(message.partition),
-                    message.offset,
-                    label.transaction_id,
-                    label.is_fraud,
-                    label.label_time_us,
-                )
-            )
-        self.counts.labels += len(events)
-        await self._forward(self.by_terminal, terminals)
-
-    async def _forward(self, topic, batches: dict[int, list]) -> None:
-        for partition, batch in batches.items():
-            await topic.send(
-                key=str(partition).encode(), value=state.customer_batch_encoder.encode(batch), partition=partition
-            )
-
-    async def _dead_letter(self, message, exc: InvalidEvent) -> None:
-        _EVENTS["label", "dlq"].inc()
-        headers = [
-            ("dlq-reason", exc.kind.encode()),
-            ("dlq-detail", exc.reason[:500].encode()),
-            ("source-topic", message.topic.encode()),
-            ("source-partition", str(message.partition).encode()),
-            ("source-offset", str(message.offset).encode()),
-        ]
-        # Waits for the broker's ack: the label's offset is committed only once it is dead-lettered.
-        delivered = await self.labels_dlq.send(key=message.key, value=message.value, headers=headers)
-        await delivered
-
     # --- stage 2: per-entity state --------------------------------------------------------------
 
-    async def _customer_state(self, stream) -> None:
+    async def _entity_state(self, stream) -> None:
         async for event in stream.events():
-            value, partition = event.value, event.message.partition
             await self.sink.wait_for_room()
-            rows: dict[int, tuple[bytes, int]] = {}
-            times: list[int] = []
-            batch = state.group_by_entity(state.customer_batch_decoder.decode(value), "customer_id")
-            seeds = await self._seeds(d.CUSTOMER_VIEW, self.customers, batch)
-            for customer_id, events in batch.items():
-                key = str(customer_id).encode()
-                before = self.customers.get(key)
-                current = (
-                    state.decode_customer_state(before) if before else state.seeded_customer(seeds.get(customer_id))
-                )
-                new, applied = state.apply_customer(current, events)
-                _EVENTS["transaction", "replay"].inc(applied.replays)
-                if applied.changed:
-                    blob = state.encode_state(new)
-                    self.changelog.put(self.customers, self._customers_changelog, partition, key, blob)
-                    self._grow("customer", before, blob)
-                    # Transactions count once, on the customer side; the terminal side counts labels.
-                    _EVENTS["transaction", "applied"].inc(applied.applied)
-                    times.extend(e.time_us for e in events)
-                # A replayed batch re-writes the entity too: a process killed after its changelog
-                # write but before its store write left the store behind the state.
-                if applied.changed or applied.replays:
-                    rows[customer_id] = (new.events, new.latest_us)
-            self.sink.put(rows, {}, np.array(times, dtype=np.int64), np.empty(0, np.int64))
+            batch = state.batch_decoder.decode(event.value)
+            partition = event.message.partition
+            # Counted per message, not per entity: a counter increment takes a lock.
+            tally: Counter[tuple[str, str]] = Counter()
+            customers, customer_times = await self._apply_customers(batch.customers, partition, tally)
+            terminals, terminal_times = await self._apply_terminals(batch.terminals, partition, tally)
+            for kind_result, n in tally.items():
+                if n:
+                    _EVENTS[kind_result].inc(n)
+            self.changelog.poll()
+            self.sink.put(customers, terminals, customer_times, terminal_times)
 
-    async def _terminal_state(self, stream) -> None:
-        async for event in stream.events():
-            value, partition = event.value, event.message.partition
-            await self.sink.wait_for_room()
-            rows: dict[int, tuple[bytes, int]] = {}
-            times: list[int] = []
-            batch = state.group_by_entity(state.terminal_batch_decoder.decode(value), "terminal_id")
-            seeds = await self._seeds(d.TERMINAL_VIEW, self.terminals, batch)
-            for terminal_id, events in batch.items():
-                key = str(terminal_id).encode()
-                before = self.terminals.get(key)
-                current = (
-                    state.decode_terminal_state(before) if before else state.seeded_terminal(seeds.get(terminal_id))
-                )
-                new, applied = state.apply_terminal(current, events)
-                _count_terminal(applied)
-                if applied.changed:
-                    blob = state.encode_state(new)
-                    self.changelog.put(self.terminals, self._terminals_changelog, partition, key, blob)
-                    self._grow("terminal", before, blob)
-                    times.extend(e.time_us for e in events if not e.is_label)
-                if applied.changed or applied.replays:
-                    rows[terminal_id] = (new.tiles, new.latest_us)
-            self.sink.put({}, rows, np.empty(0, np.int64), np.array(times, dtype=np.int64))
+    async def _apply_customers(self, events: list, partition: int, tally: Counter) -> tuple[Rows, np.ndarray]:
+        """Applies one partition's customer events: (rows for the store, their event times)."""
+        rows: Rows = {}
+        times: list[int] = []
+        if not events:
+            return rows, _NO_TIMES
+        batch = state.group_by_entity(events, "customer_id")
+        data = self.customers.data
+        held = _held(data, batch)
+        seeds = await self._seeds(d.CUSTOMER_VIEW, held)
+        for customer_id, mine in batch.items():
+            key, before = held[customer_id]
+            current = state.decode_customer_state(before) if before else state.seeded_customer(seeds.get(customer_id))
+            new, applied = state.apply_customer(current, mine)
+            tally["transaction", "replay"] += applied.replays
+            if applied.changed:
+                blob = state.encode_state(new)
+                self.changelog.put(data, self._customers_changelog, partition, key, blob)
+                self._grow("customer", before, blob)
+                # Transactions count once, on the customer side; the terminal side counts labels.
+                tally["transaction", "applied"] += applied.applied
+                times.extend(e.time_us for e in mine)
+            # A replayed batch re-writes the entity too: a process killed after its changelog
+            # write but before its store write left the store behind the state.
+            if applied.changed or applied.replays:
+                rows[customer_id] = (new.events, new.latest_us)
+        return rows, np.array(times, dtype=np.int64)
 
-    async def _seeds(self, view: str, table, batch: dict[int, list]) -> dict[int, tuple[bytes, int]]:
+    async def _apply_terminals(self, events: list, partition: int, tally: Counter) -> tuple[Rows, np.ndarray]:
+        """Applies one partition's terminal events and labels, as ``_apply_customers``."""
+        rows: Rows = {}
+        times: list[int] = []
+        if not events:
+            return rows, _NO_TIMES
+        batch = state.group_by_entity(events, "terminal_id")
+        data = self.terminals.data
+        held = _held(data, batch)
+        seeds = await self._seeds(d.TERMINAL_VIEW, held)
+        for terminal_id, mine in batch.items():
+            key, before = held[terminal_id]
+            current = state.decode_terminal_state(before) if before else state.seeded_terminal(seeds.get(terminal_id))
+            new, applied = state.apply_terminal(current, mine)
+            _count_terminal(applied, tally)
+            if applied.changed:
+                blob = state.encode_state(new)
+                self.changelog.put(data, self._terminals_changelog, partition, key, blob)
+                self._grow("terminal", before, blob)
+                times.extend(e.time_us for e in mine if not e.is_label)
+            if applied.changed or applied.replays:
+                rows[terminal_id] = (new.tiles, new.latest_us)
+        return rows, np.array(times, dtype=np.int64)
+
+    async def _seeds(self, view: str, held: dict[int, tuple[bytes, bytes | None]]) -> dict[int, tuple[bytes, int]]:
         """What a backfill left in the store for the batch's entities this job has never seen:
         their state starts from it, or the job's first write would replace a backfilled history
         with only the new events. Only rows the backfill wrote count (``read_states(...,
@@ -402,7 +313,7 @@ class FeatureJob:
         could count a replayed event twice. One round trip, on the loop (a thread hop per batch
         cost more than the read); retried while Redis is down, since going on without it would
         lose that history."""
-        unseen = [entity_id for entity_id in batch if table.get(str(entity_id).encode()) is None]
+        unseen = [entity_id for entity_id, (_, before) in held.items() if before is None]
         delay = self.settings.stream.retry_initial_s
         while unseen:
             try:
@@ -474,54 +385,18 @@ class FeatureJob:
                 metrics.STREAM_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
 
 
-async def _in_slices(stream, batch_max: int, slice_s: float, handle) -> None:
-    """Calls ``handle(events)`` with up to ``batch_max`` events, at least once per ``slice_s``
-    while events wait; acks them only after ``handle`` returned (so a crash re-reads them).
-
-    Not faust's ``take_events``: after a rebalance that moved partitions away, a process's
-    ``take_events`` agent stopped for good (no error; its remaining source partitions were never
-    committed again, measured with two processes). This iterates events one by one, which
-    faust handles through rebalances, and a timer flushes a slice that no next event closes.
-    """
-    # Acks by hand, as take_events does: an event is acked once its batch is forwarded.
-    stream.enable_acks = False
-    acking = stream
-    buffer: list = []
-    lock = asyncio.Lock()
-    loop = asyncio.get_running_loop()
-    started = 0.0
-
-    async def flush() -> None:
-        nonlocal buffer
-        async with lock:
-            events, buffer = buffer, []
-            if not events:
-                return
-            await handle(events)
-            for event in events:
-                await acking.ack(event)
-
-    async def flush_on_time() -> None:
-        while True:
-            await asyncio.sleep(slice_s)
-            if buffer and loop.time() - started >= slice_s:
-                await flush()
-
-    timer = asyncio.create_task(flush_on_time())
-    try:
-        async for event in acking.events():
-            if not buffer:
-                started = loop.time()
-            buffer.append(event)
-            if len(buffer) >= batch_max or loop.time() - started >= slice_s:
-                await flush()
-    finally:
-        timer.cancel()
+def _held(data, batch: dict[int, list]) -> dict[int, tuple[bytes, bytes | None]]:
+    """Per entity of the batch: its table key and the state the table holds (None: unseen)."""
+    held = {}
+    for entity_id in batch:
+        key = str(entity_id).encode()
+        held[entity_id] = (key, data.get(key))
+    return held
 
 
-def _count_terminal(applied: state.Applied) -> None:
-    _EVENTS["label", "applied"].inc(applied.labels)
-    _EVENTS["label", "late"].inc(applied.late_labels)
-    _EVENTS["label", "replay"].inc(applied.label_replays)
-    _EVENTS["transaction", "applied"].inc(applied.applied - applied.labels)
-    _EVENTS["transaction", "replay"].inc(applied.replays - applied.label_replays)
+def _count_terminal(applied: state.Applied, tally: Counter) -> None:
+    tally["label", "applied"] += applied.labels
+    tally["label", "late"] += applied.late_labels
+    tally["label", "replay"] += applied.label_replays
+    tally["transaction", "applied"] += applied.applied - applied.labels
+    tally["transaction", "replay"] += applied.replays - applied.label_replays
