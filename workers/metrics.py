@@ -174,7 +174,8 @@ STREAM_EVENTS = Counter(
     "fraudscore_stream_events_total",
     "Stream feature job: events by kind (transaction, label) and result: applied, replay "
     "(already applied, skipped), late (label for a day no longer retained), invalid "
-    "(undecodable transaction; the scoring worker dead-letters it), dlq (bad label, dead-lettered).",
+    "(undecodable transaction; the scoring worker dead-letters it), dlq (bad label, dead-lettered). "
+    "A transaction counts once, on its customer's side.",
     ["kind", "result"],
 )
 for _kind, _result in (

@@ -139,3 +139,60 @@ def test_terminal_tiles_add_per_day_and_expire() -> None:
     tiles = h.merge_terminal(tiles, 100 + h.TERMINAL_RETENTION_DAYS - 1, 1, 0)
     assert tiles["day"].tolist() == [100, 100 + h.TERMINAL_RETENTION_DAYS - 1]
     assert h.merge_terminal(tiles, 100, 0, -5)["fraud"].tolist() == [0, 0]
+
+
+# The packed-bytes merges (the stream job's fast paths) against the numpy merges: equal bytes for
+# any state and any new rows, in order or not, near the retention or the cap, or a corrupt blob.
+_TIMES = st.integers(min_value=0, max_value=40 * US_PER_DAY)
+_CUSTOMER_ROWS = st.lists(st.tuples(_TIMES, st.integers(0, 10**7), st.integers(0, 10**6)), max_size=12)
+
+
+def _customer_blob(rows: list[tuple[int, int, int]]) -> bytes:
+    events = np.array(rows, dtype=h.CUSTOMER_EVENT_DTYPE)
+    return h.pack(h.trim_customer(events[np.argsort(events["time_us"], kind="stable")]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(old=_CUSTOMER_ROWS, new=_CUSTOMER_ROWS.filter(bool), shift=st.sampled_from([0, 35 * US_PER_DAY]))
+def test_packed_customer_merge_equals_numpys(old, new, shift) -> None:
+    blob = _customer_blob(old)
+    new = [(t + shift, cents, terminal) for t, cents, terminal in new]  # shifted: old events expire
+    expected = h.pack(h.merge_customer(h.unpack_customer(blob), np.array(new, dtype=h.CUSTOMER_EVENT_DTYPE)))
+    assert h.merge_customer_packed(blob, new) == expected
+    in_order = sorted(new, key=lambda row: row[0])  # the live case: the fast path
+    expected = h.pack(h.merge_customer(h.unpack_customer(blob), np.array(in_order, dtype=h.CUSTOMER_EVENT_DTYPE)))
+    assert h.merge_customer_packed(blob, in_order) == expected
+
+
+def test_packed_customer_merge_trims_at_the_cap_as_numpy() -> None:
+    rows = [(i, 1, 1) for i in range(h.CUSTOMER_MAX_EVENTS)]
+    blob = _customer_blob(rows)
+    new = [(h.CUSTOMER_MAX_EVENTS + 5, 2, 2)]
+    merged = h.merge_customer_packed(blob, new)
+    assert len(h.unpack_customer(merged)) == h.CUSTOMER_MAX_EVENTS
+    assert merged == h.pack(h.merge_customer(h.unpack_customer(blob), np.array(new, dtype=h.CUSTOMER_EVENT_DTYPE)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    days=st.lists(st.integers(0, 90), unique=True, max_size=10),
+    day=st.integers(0, 95),
+    tx=st.integers(-3, 5),
+    fraud=st.integers(-3, 3),
+)
+def test_packed_terminal_merge_equals_numpys(days, day, tx, fraud) -> None:
+    tiles = np.zeros(len(days), dtype=h.TERMINAL_TILE_DTYPE)
+    tiles["day"] = sorted(days)
+    tiles["tx"] = 3
+    tiles["fraud"] = 1
+    blob = h.pack(tiles)  # not trimmed: a seeded state may hold more days than the retention
+    assert h.merge_terminal_packed(blob, day, tx, fraud) == h.pack(h.merge_terminal(tiles, day, tx, fraud))
+
+
+def test_packed_merges_refuse_a_corrupt_blob() -> None:
+    with pytest.raises(ValueError):
+        h.merge_customer_packed(b"\x00" * 25, [(1, 1, 1)])
+    with pytest.raises(ValueError):
+        h.merge_terminal_packed(b"\x00" * 25, 1, 1, 0)
+    with pytest.raises(ValueError):
+        h.tile_day(b"\x00" * 25, 0)

@@ -101,7 +101,9 @@ def _replay(job: Settings, plan: replay.ReplayPlan, tmp_path, kill: bool):
     once the store equals the truth (with ``kill``: a restarted one, the first was SIGKILLed
     halfway through)."""
     metrics_port = free_port()
-    env = h.job_env(job, "parity", FRAUDSCORE_METRICS__STREAM_PORT=str(metrics_port))
+    # Killed mid-replay: small slices, or the whole replay fits one slice and is applied at once.
+    slices = {"FRAUDSCORE_STREAM__BATCH_MAX": "100"} if kill else {}
+    env = h.job_env(job, "parity", FRAUDSCORE_METRICS__STREAM_PORT=str(metrics_port), **slices)
     txns = _transactions(plan.replay)
     h.produce_transactions(job.kafka, txns)
     h.produce_labels(job.kafka, _labels(plan.labels))

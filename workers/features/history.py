@@ -19,6 +19,9 @@ Unpacking checks the size, so a corrupt value raises ``ValueError`` instead of b
 
 from __future__ import annotations
 
+import itertools
+import struct
+
 import numpy as np
 
 from workers.features import definitions as d
@@ -140,6 +143,75 @@ def _tile_position(tiles: np.ndarray, day: int) -> int:
     if day == last:
         return n - 1
     return int(np.searchsorted(tiles["day"], day, side="left"))
+
+
+# --- the same merges on packed bytes, for the stream job's common case --------------------------
+# A live stream appends a customer's events in time order and adds to a terminal's latest day
+# (or starts the next). For those cases the packed result is built with struct, ~5x faster
+# than the numpy merges for the one or two rows an entity gets per batch; anything else (out of
+# order, something to trim, a corrupt blob) goes through the numpy functions above. Equal
+# bytes either way: tests/features/test_history.py compares them for any input.
+
+_RECORD = struct.Struct("<qqq")  # one CUSTOMER_EVENT_DTYPE or TERMINAL_TILE_DTYPE row, packed
+assert _RECORD.size == CUSTOMER_EVENT_DTYPE.itemsize == TERMINAL_TILE_DTYPE.itemsize
+
+
+def merge_customer_packed(blob: bytes, new_events: list[tuple[int, int, int]]) -> bytes:
+    """``pack(merge_customer(unpack_customer(blob), new_events))`` for (time, cents, terminal) rows."""
+    appended = _append_in_order(blob, new_events)
+    if appended is not None:
+        return appended
+    new = np.array(new_events, dtype=CUSTOMER_EVENT_DTYPE)
+    return pack(merge_customer(unpack_customer(blob), new))
+
+
+def _append_in_order(blob: bytes, new_events: list[tuple[int, int, int]]) -> bytes | None:
+    size = _RECORD.size
+    if not new_events or len(blob) % size:
+        return None
+    times = [event[0] for event in new_events]
+    if any(later < earlier for earlier, later in itertools.pairwise(times)):
+        return None
+    first = times[0]
+    if blob:
+        if first < _RECORD.unpack_from(blob, len(blob) - size)[0]:
+            return None
+        first = _RECORD.unpack_from(blob, 0)[0]
+    if first < times[-1] - CUSTOMER_RETENTION_US or len(blob) // size + len(new_events) > CUSTOMER_MAX_EVENTS:
+        return None  # something to trim
+    return blob + b"".join(_RECORD.pack(*event) for event in new_events)
+
+
+def merge_terminal_packed(blob: bytes, day: int, tx_delta: int, fraud_delta: int) -> bytes:
+    """``pack(merge_terminal(unpack_terminal(blob), day, tx_delta, fraud_delta))``."""
+    merged = _merge_last_tile(blob, day, tx_delta, fraud_delta)
+    if merged is not None:
+        return merged
+    return pack(merge_terminal(unpack_terminal(blob), day, tx_delta, fraud_delta))
+
+
+def _merge_last_tile(blob: bytes, day: int, tx_delta: int, fraud_delta: int) -> bytes | None:
+    size = _RECORD.size
+    if len(blob) % size:
+        return None
+    if not blob:
+        return _RECORD.pack(day, max(0, tx_delta), max(0, fraud_delta))
+    last_day, tx, fraud = _RECORD.unpack_from(blob, len(blob) - size)
+    if day < last_day or _RECORD.unpack_from(blob, 0)[0] < max(day, last_day) - TERMINAL_RETENTION_DAYS + 1:
+        return None  # an older day, or something to trim
+    if day == last_day:
+        return blob[:-size] + _RECORD.pack(day, max(0, tx + tx_delta), max(0, fraud + fraud_delta))
+    return blob + _RECORD.pack(day, max(0, tx_delta), max(0, fraud_delta))
+
+
+def tile_day(blob: bytes, index: int) -> int | None:
+    """The day of tile ``index`` (0: first, -1: last) of a packed terminal; None when empty."""
+    if len(blob) % _RECORD.size:
+        unpack_terminal(blob)  # raises, with the sizes
+    if not blob:
+        return None
+    count = len(blob) // _RECORD.size
+    return int(_RECORD.unpack_from(blob, (index % count) * _RECORD.size)[0])
 
 
 def terminal_tiles(day: np.ndarray, tx: np.ndarray, fraud: np.ndarray) -> np.ndarray:

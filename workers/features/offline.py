@@ -16,6 +16,8 @@ float64 however the events are grouped.
 
 from __future__ import annotations
 
+import operator
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +235,50 @@ def terminal_features(history: History, terminal: np.ndarray, at_us: np.ndarray)
 
 def _ratio(total: np.ndarray, count: np.ndarray) -> np.ndarray:
     return np.divide(total, count, out=np.full_like(total, d.ENTITY_DEFAULT), where=count > 0)
+
+
+# --- the same windows in plain Python, for the few rows of a synchronous call -----------------
+# numpy's fixed cost per call (a History, its searches and sums: dozens of calls of a few us)
+# made a one-row read cost ~1 ms of CPU, most of a gRPC request. For a handful of rows these
+# compute the same float64 values with bisect and sums over the entity's own events, in the same
+# order of operations, and the caller rounds them to float32 as the numpy path does;
+# tests/features/test_history.py compares the two for any state and time. They need what the
+# writers store: events sorted by time (``events_in_order``); anything else takes numpy's path.
+
+
+def events_in_order(times: list[int]) -> bool:
+    return all(map(operator.le, times, times[1:]))
+
+
+def customer_row(times: list[int], cents: list[int], terminals: list[int], at: int) -> list[float]:
+    """``customer_features`` of one query at ``at`` over one customer's sorted events."""
+    hi = bisect_left(times, at)
+    out: list[float] = []
+    for window in _DAY_WINDOWS_US:
+        lo = bisect_left(times, at - window, 0, hi)
+        count = float(hi - lo)
+        total = float(sum(cents[lo:hi]))
+        out += [count, (total / count if count > 0 else d.ENTITY_DEFAULT) / 100.0]
+    for window in _VELOCITY_US:
+        lo = bisect_left(times, at - window, 0, hi)
+        out += [float(hi - lo), float(sum(cents[lo:hi])) / 100.0]
+    lo = bisect_left(times, at - _PREVIOUS_CAP_US, 0, hi)
+    out.append((at - times[hi - 1] if hi > lo else _PREVIOUS_CAP_US) / US_PER_SECOND)
+    lo = bisect_left(times, at - d.DISTINCT_TERMINALS_WINDOW[1], 0, hi)
+    out.append(float(len(set(terminals[lo:hi]))))
+    return out
+
+
+def terminal_row(days: list[int], tx: list[int], fraud: list[int], at: int) -> list[float]:
+    """``terminal_features`` of one query at ``at`` over one terminal's sorted day tiles."""
+    end_day = at // US_PER_DAY - d.TERMINAL_LABEL_DELAY_DAYS
+    hi = bisect_left(days, end_day)
+    out: list[float] = []
+    for window_days in d.WINDOWS_DAYS:
+        lo = bisect_left(days, end_day - window_days, 0, hi)
+        total = float(sum(tx[lo:hi]))
+        out += [total, float(sum(fraud[lo:hi])) / total if total > 0 else d.ENTITY_DEFAULT]
+    return out
 
 
 # --- serving: the same windows over the raw state a reader got from the store -------------

@@ -235,11 +235,14 @@ class SourceSplitter:
             slice_started = 0.0
             while not self._stop.is_set():
                 self.loop.beat()
-                wait_s = self._slice_s if not self._buffer else slice_started + self._slice_s - time.monotonic()
+                polled_at = time.monotonic()
+                wait_s = self._slice_s if not self._buffer else slice_started + self._slice_s - polled_at
                 for message in self._consumer.consume(self._batch_max - len(self._buffer), max(0.0, wait_s)):
                     if message.error() is None:
                         if not self._buffer:
-                            slice_started = time.monotonic()
+                            # The earliest it can have arrived: consume() held it until its
+                            # timeout, so a slice counted from its return would wait twice.
+                            slice_started = polled_at
                         self._buffer.append(message)
                     else:
                         self._on_error(cast(KafkaError, message.error()))

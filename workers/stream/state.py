@@ -27,7 +27,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import msgspec
-import numpy as np
 
 from workers.features import history
 from workers.records import US_PER_DAY
@@ -164,11 +163,10 @@ def apply_customer(state: CustomerState, events: list[CustomerEvent]) -> tuple[C
     result.applied = len(fresh)
     if not fresh:
         return state, result
-    new = np.array([(e.time_us, e.amount_cents, e.terminal_id) for e in fresh], dtype=history.CUSTOMER_EVENT_DTYPE)
-    merged = history.merge_customer(history.unpack_customer(state.events), new)
+    merged = history.merge_customer_packed(state.events, [(e.time_us, e.amount_cents, e.terminal_id) for e in fresh])
     latest = max(state.latest_us, max(e.time_us for e in fresh))
     result.changed = True
-    return CustomerState(history.pack(merged), marks, latest), result
+    return CustomerState(merged, marks, latest), result
 
 
 def apply_terminal(state: TerminalState, events: list[TerminalEvent]) -> tuple[TerminalState, Applied]:
@@ -182,21 +180,39 @@ def apply_terminal(state: TerminalState, events: list[TerminalEvent]) -> tuple[T
     marks = dict(state.marks)
     fresh = [e for e in events if _is_new(marks, e.source, e.offset)]
     result.replays = len(events) - len(fresh)
-    result.label_replays = sum(1 for e in events if e.is_label) - sum(1 for e in fresh if e.is_label)
+    labels = [e for e in fresh if e.transaction_id]
+    result.label_replays = sum(1 for e in events if e.transaction_id) - len(labels)
     if not fresh:
         return state, result
-    tiles = history.unpack_terminal(state.tiles)
     tx_days: dict[int, int] = defaultdict(int)
     latest_us = state.latest_us
-    labels = []
     for e in fresh:
-        if e.is_label:
-            labels.append(e)
-            latest_us = max(latest_us, e.label_time_us)
-        else:
+        if not e.transaction_id:
             tx_days[e.time_us // US_PER_DAY] += 1
             latest_us = max(latest_us, e.time_us)
-    known_days = [*tx_days, *([int(tiles["day"][-1])] if len(tiles) else [])]
+    tiles = state.tiles
+    first_day = history.tile_day(tiles, 0)
+    fraud = state.fraud
+    fraud_delta: dict[int, int] = {}
+    if labels:
+        latest_us = max(latest_us, max(e.label_time_us for e in labels))
+        fraud, fraud_delta = _apply_labels(state, labels, tx_days, result)
+    for day in sorted(tx_days.keys() | fraud_delta.keys()):
+        tiles = history.merge_terminal_packed(tiles, day, tx_days.get(day, 0), fraud_delta.get(day, 0))
+    if labels or history.tile_day(tiles, 0) != first_day:
+        first_day = history.tile_day(tiles, 0)
+        fraud = {day: ids for day, ids in fraud.items() if ids and (first_day is None or day >= first_day)}
+    result.applied = len(fresh) - result.late_labels
+    result.changed = True
+    return TerminalState(tiles, fraud, marks, latest_us), result
+
+
+def _apply_labels(
+    state: TerminalState, labels: list[TerminalEvent], tx_days: dict[int, int], result: Applied
+) -> tuple[dict[int, list[str]], dict[int, int]]:
+    """The terminal's fraud sets after the labels, and the change of each day's fraud count."""
+    last_tile_day = history.tile_day(state.tiles, -1)
+    known_days = [*tx_days, *([last_tile_day] if last_tile_day is not None else [])]
     latest_day = max(known_days) if known_days else None
     fraud = {day: list(ids) for day, ids in state.fraud.items()}
     fraud_delta: dict[int, int] = defaultdict(int)
@@ -213,13 +229,7 @@ def apply_terminal(state: TerminalState, events: list[TerminalEvent]) -> tuple[T
         elif not label.is_fraud and label.transaction_id in ids:
             ids.remove(label.transaction_id)
             fraud_delta[day] -= 1
-    for day in sorted(set(tx_days) | set(fraud_delta)):
-        tiles = history.merge_terminal(tiles, day, tx_days.get(day, 0), fraud_delta.get(day, 0))
-    first_day = int(tiles["day"][0]) if len(tiles) else None
-    fraud = {day: ids for day, ids in fraud.items() if ids and (first_day is None or day >= first_day)}
-    result.applied = len(fresh) - result.late_labels
-    result.changed = True
-    return TerminalState(history.pack(tiles), fraud, marks, latest_us), result
+    return fraud, fraud_delta
 
 
 def group_by_entity(events: list, key: str) -> dict[int, list]:

@@ -395,8 +395,7 @@ def _held(data, batch: dict[int, list]) -> dict[int, tuple[bytes, bytes | None]]
 
 
 def _count_terminal(applied: state.Applied, tally: Counter) -> None:
+    """Labels only: a transaction is counted once, on its customer's side (both sides see it)."""
     tally["label", "applied"] += applied.labels
     tally["label", "late"] += applied.late_labels
     tally["label", "replay"] += applied.label_replays
-    tally["transaction", "applied"] += applied.applied - applied.labels
-    tally["transaction", "replay"] += applied.replays - applied.label_replays
