@@ -76,6 +76,17 @@ def test_kubeconform_with_these_schemas_rejects_a_misspelt_field_and_a_wrong_typ
     assert wrong_type.returncode != 0 and "maxReplicaCount" in wrong_type.stdout
 
 
+def _assert_probes_and_resources(container: dict, metrics: MetricsSettings) -> None:
+    """/livez and /readyz on the metrics port, and requests and limits sized."""
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+    # Liveness must not fire inside one legitimate stall.
+    live = container["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= metrics.loop_stall_s
+    assert "memory" in container["resources"]["limits"] and container["resources"]["requests"]["cpu"]
+
+
 def _container(deployment: dict) -> dict:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return container
@@ -89,13 +100,7 @@ def test_manifests_agree_with_the_settings_and_the_code() -> None:
         container = _container(deployment)
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
         assert ports["metrics"] == metrics_port
-        assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
-        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-        assert container["startupProbe"]["httpGet"]["path"] == "/livez"
-        # Liveness must not fire inside one legitimate stall.
-        live = container["livenessProbe"]
-        assert live["periodSeconds"] * live["failureThreshold"] >= metrics.loop_stall_s
-        assert "memory" in container["resources"]["limits"] and container["resources"]["requests"]["cpu"]
+        _assert_probes_and_resources(container, metrics)
     assert {p["name"]: p["containerPort"] for p in _container(server)["ports"]}["grpc"] == grpc.port
 
     # Graceful termination outlasts the drain.
@@ -145,12 +150,7 @@ def test_feature_job_manifests_agree_with_the_settings_and_the_code() -> None:
     assert ports == {"metrics": metrics.stream_port}
     annotations = job["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(metrics.stream_port)
-    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
-    live = container["livenessProbe"]
-    assert live["periodSeconds"] * live["failureThreshold"] >= metrics.loop_stall_s
-    assert "memory" in container["resources"]["limits"] and container["resources"]["requests"]["cpu"]
+    _assert_probes_and_resources(container, metrics)
 
     # Production state: rocksdb on the pod's own volume, the pod name as static membership.
     env = {e["name"]: e for e in container["env"]}

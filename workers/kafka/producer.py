@@ -30,10 +30,16 @@ class RetryingProducer(Producer):
         value: bytes | None = None,
         headers: Headers | None = None,
         on_delivery: DeliveryCallback | None = None,
+        partition: int | None = None,
     ) -> None:
         while True:
             try:
-                super().produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
+                if partition is None:  # the configured partitioner picks one (the client's default)
+                    super().produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
+                else:
+                    super().produce(
+                        topic, key=key, value=value, headers=headers, on_delivery=on_delivery, partition=partition
+                    )
                 return
             except BufferError:
                 self.poll(_ROOM_WAIT_S)

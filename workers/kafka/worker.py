@@ -24,7 +24,6 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from opentelemetry.trace import SpanKind
@@ -32,6 +31,7 @@ from opentelemetry.trace import SpanKind
 from workers import codec, metrics
 from workers.health import CheckResult, Heartbeat
 from workers.kafka.config import consumer_config, producer_config
+from workers.kafka.messages import headers_of, position
 from workers.kafka.offsets import Chunk, OffsetTracker
 from workers.kafka.producer import DeliveryCallback, Headers, RetryingProducer
 from workers.logs import RateLimitedLog
@@ -56,8 +56,6 @@ _PAUSE_AFTER_S = 1.0
 # A broker outage repeats the same consumer error many times a second: one line per kind per interval.
 _WARN_INTERVAL_S = 10.0
 
-# What Message.headers() returns when it has some.
-_MessageHeaders = list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None]
 # A decoded chunk waiting for room in the engine queue: (chunk, txns, their messages,
 # received_ns, their callers' traceparents or None when tracing is off or no event had one).
 _Held = tuple[Chunk, list[Transaction], list[Message], int, list[str | bytes | None] | None]
@@ -165,20 +163,20 @@ class KafkaWorker:
             if error is not None:
                 self._on_consume_error(error)
                 continue
-            by_partition.setdefault(_position(message)[1], []).append(message)
+            by_partition.setdefault(position(message)[1], []).append(message)
         for partition_messages in by_partition.values():
             for start in range(0, len(partition_messages), self._max_chunk_rows):
                 self._handle_chunk(partition_messages[start : start + self._max_chunk_rows])
 
     def _handle_chunk(self, messages: list[Message]) -> None:
-        topic, partition, first_offset = _position(messages[0])
-        chunk = self._tracker.track(topic, partition, first_offset, _position(messages[-1])[2])
+        topic, partition, first_offset = position(messages[0])
+        chunk = self._tracker.track(topic, partition, first_offset, position(messages[-1])[2])
         txns: list[Transaction] = []
         sources: list[Message] = []
         # Traced: the callers' traceparents, from the header read that decoding does anyway.
         traceparents: list[str | bytes | None] | None = [] if self._tracing is not None else None
         for message in messages:
-            headers = _headers_of(message)
+            headers = headers_of(message)
             try:
                 txns.append(_decode(message, headers))
             except codec.InvalidEvent as error:
@@ -330,7 +328,7 @@ class KafkaWorker:
     def _dead_letter(self, source: Message, chunk: Chunk, kind: str, reason: str) -> None:
         """The event's original bytes (a null value stays null) to the DLQ, with why and where from."""
         value = source.value()
-        topic, partition, offset = _position(source)
+        topic, partition, offset = position(source)
         headers: list[tuple[str, str | bytes | None]] = [
             # Header values are bytes: a reason may quote text that does not encode cleanly.
             ("dlq-reason", reason[:1000].encode("utf-8", "backslashreplace")),
@@ -468,29 +466,14 @@ class KafkaWorker:
 def decode_message(message: Message) -> Transaction:
     """The transaction a consumed message carries, or ``codec.InvalidEvent``: nothing else
     escapes, whatever its value or headers hold."""
-    return _decode(message, _headers_of(message))
+    return _decode(message, headers_of(message))
 
 
-def _decode(message: Message, headers: _MessageHeaders | None) -> Transaction:
+def _decode(message: Message, headers: Headers | None) -> Transaction:
     return codec.decode_transaction(message.value(), codec.content_type_of(headers))
 
 
-def _position(message: Message) -> tuple[str, int, int]:
-    """(topic, partition, offset) of a consumed message. The client's types allow None for
-    each (a message that carries only an error has none); a consumed record has all three."""
-    return cast(str, message.topic()), cast(int, message.partition()), cast(int, message.offset())
-
-
-def _headers_of(message: Message) -> _MessageHeaders | None:
-    """The message's headers, read once per message; None when it has none, or header bytes
-    the client cannot turn into str (then the payload is sniffed, and there is no traceparent)."""
-    try:
-        return message.headers()
-    except Exception:
-        return None
-
-
-def _traceparent_in(headers: _MessageHeaders) -> str | bytes | None:
+def _traceparent_in(headers: Headers) -> str | bytes | None:
     """The first ``traceparent`` header's value, or None."""
     for key, value in headers.items() if isinstance(headers, dict) else headers:
         if key == "traceparent":

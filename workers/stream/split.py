@@ -33,12 +33,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from workers import codec, metrics
 from workers.errors import InvalidEvent
 from workers.health import CheckResult, Heartbeat
 from workers.kafka.config import connection_config
+from workers.kafka.messages import headers_of, position
+from workers.kafka.producer import Headers, RetryingProducer
 from workers.settings import Settings
 from workers.stream import state
 
@@ -49,7 +51,7 @@ _DEAD_LETTERED_LABELS = metrics.STREAM_EVENTS.labels("label", "dlq")
 _LAG_EVERY_S = 5.0
 
 # (topic, partition or None, key, value, headers): one message to send, kept until delivered.
-Outgoing = tuple[str, int | None, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
+Outgoing = tuple[str, int | None, bytes | None, bytes | None, Headers | None]
 
 
 def source_group(settings: Settings) -> str:
@@ -73,11 +75,12 @@ def route_transactions(messages: Sequence[Message], partitions: int) -> tuple[di
     invalid = 0
     for message in messages:
         try:
-            tx = codec.decode_transaction(message.value(), codec.content_type_of(_headers(message)))
+            tx = codec.decode_transaction(message.value(), codec.content_type_of(headers_of(message)))
         except InvalidEvent:
             invalid += 1  # the scoring worker dead-letters it; the job only counts it
             continue
-        source, offset = state.transaction_source(cast(int, message.partition())), cast(int, message.offset())
+        _, partition, offset = position(message)
+        source = state.transaction_source(partition)
         customers[state.partition_of(tx.customer_id, partitions)].append(
             # round() is numpy's rint on one float (half to even): history.amount_cents
             state.CustomerEvent(
@@ -98,16 +101,17 @@ def route_labels(
     bad: list[tuple[Message, InvalidEvent]] = []
     for message in messages:
         try:
-            label = codec.decode_label(message.value(), codec.content_type_of(_headers(message)))
+            label = codec.decode_label(message.value(), codec.content_type_of(headers_of(message)))
         except InvalidEvent as exc:
             bad.append((message, exc))
             continue
+        _, partition, offset = position(message)
         terminals[state.partition_of(label.terminal_id, partitions)].append(
             state.TerminalEvent(
                 label.terminal_id,
                 label.event_time_us,
-                state.label_source(cast(int, message.partition())),
-                cast(int, message.offset()),
+                state.label_source(partition),
+                offset,
                 label.transaction_id,
                 label.is_fraud,
                 label.label_time_us,
@@ -117,12 +121,13 @@ def route_labels(
 
 
 def dead_letter(message: Message, exc: InvalidEvent, dlq_topic: str) -> Outgoing:
-    headers = [
+    topic, partition, offset = position(message)
+    headers: Headers = [
         ("dlq-reason", exc.kind.encode()),
         ("dlq-detail", exc.reason[:500].encode()),
-        ("source-topic", cast(str, message.topic()).encode()),
-        ("source-partition", str(message.partition()).encode()),
-        ("source-offset", str(message.offset()).encode()),
+        ("source-topic", topic.encode()),
+        ("source-partition", str(partition).encode()),
+        ("source-offset", str(offset).encode()),
     ]
     return (dlq_topic, None, message.key(), message.value(), headers)
 
@@ -131,16 +136,9 @@ def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
     """Per source partition, the offset after the last message: what to commit."""
     ends: dict[tuple[str, int], int] = {}
     for message in messages:
-        key = (cast(str, message.topic()), cast(int, message.partition()))
-        ends[key] = max(ends.get(key, -1), cast(int, message.offset()))
+        topic, partition, offset = position(message)
+        ends[topic, partition] = max(ends.get((topic, partition), -1), offset)
     return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in ends.items()]
-
-
-def _headers(message: Message) -> Any:
-    try:
-        return message.headers()
-    except Exception:  # header bytes the client cannot turn into str: sniff the payload
-        return None
 
 
 # --- the thread -------------------------------------------------------------------------------
@@ -159,7 +157,7 @@ class SourceSplitter:
         self._by_entity = by_entity_topic(settings)
         self._dlq = kafka.labels_dlq_topic
         self._consumer = Consumer(self._consumer_config())
-        self._producer = Producer(
+        self._producer = RetryingProducer(
             {
                 **connection_config(kafka, "stream-split"),
                 # Each slice is flushed as a whole, which sends at once whatever the linger.
@@ -314,15 +312,9 @@ class SourceSplitter:
             if error is not None:
                 failed.append(item)
 
-        kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers, "on_delivery": on_delivery}
-        if partition is not None:
-            kwargs["partition"] = partition
-        while True:
-            try:
-                self._producer.produce(topic, **kwargs)
-                return
-            except BufferError:
-                self._producer.poll(0.01)
+        self._producer.produce(
+            topic, key=key, value=value, headers=headers, on_delivery=on_delivery, partition=partition
+        )
 
     # --- rebalances, errors, lag ---------------------------------------------------------------
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -142,11 +144,10 @@ class Changelog:
     of its changelog records (at-least-once, as faust's own path)."""
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
-        from confluent_kafka import Producer
-
         from workers.kafka.config import connection_config
+        from workers.kafka.producer import RetryingProducer
 
-        self._producer = Producer(
+        self._producer = RetryingProducer(
             {
                 **connection_config(settings.kafka, "stream-changelog"),
                 "linger.ms": settings.stream.producer_linger_ms,
@@ -179,12 +180,7 @@ class Changelog:
     def put(self, data, topic: str, partition: int, key: bytes, value: bytes) -> None:
         """``data``: the table's store (``table.data``, looked up once per batch)."""
         data[key] = value
-        while True:
-            try:
-                self._producer.produce(topic, key=key, value=value, partition=partition)
-                return
-            except BufferError:
-                self._producer.poll(0.01)
+        self._producer.produce(topic, key=key, value=value, partition=partition)
 
     def poll(self) -> None:
         """Serves delivery reports; once per batch, not per record (a call costs as much as a produce)."""
@@ -192,6 +188,24 @@ class Changelog:
 
     def close(self) -> None:
         self._flush_all()
+
+
+@dataclass(frozen=True)
+class _Side:
+    """What differs between the two entity kinds stage 2 keeps; the rest is one code path."""
+
+    kind: str  # "customer" or "terminal": metric labels, logs
+    id_field: str  # the entity id's field in its events
+    view: str  # its Feast view (seeding from a backfill)
+    table: Any  # its faust table
+    table_name: str
+    changelog: str  # its table's changelog topic
+    decode: Callable[[bytes], Any]  # table value -> state
+    seeded: Callable[[tuple[bytes, int] | None], Any]  # a first-seen entity's state
+    apply: Callable[[Any, list], tuple[Any, state.Applied]]
+    count: Callable[[state.Applied, Counter], None]
+    event_times: Callable[[list], Iterable[int]]  # the events whose freshness its write shows
+    stored: Callable[[Any], bytes]  # state -> the packed value the store holds
 
 
 class FeatureJob:
@@ -203,8 +217,6 @@ class FeatureJob:
         self._writer = writer  # also reads what a backfill left for entities first seen (_seeds)
         self.sink = StoreSink(settings, writer)
         self.changelog = Changelog(self.app, settings)
-        self._customers_changelog = changelog_topic(settings, CUSTOMERS_TABLE)
-        self._terminals_changelog = changelog_topic(settings, TERMINALS_TABLE)
         self.splitter = SourceSplitter(settings)
         n = settings.stream.partitions
         self._partitions = n
@@ -212,6 +224,16 @@ class FeatureJob:
         self.by_entity = _raw_topic(app, by_entity_topic(settings), n, internal=True)
         self.customers = _raw_table(app, CUSTOMERS_TABLE, n)
         self.terminals = _raw_table(app, TERMINALS_TABLE, n)
+        self._customer_side = _Side(
+            "customer", "customer_id", d.CUSTOMER_VIEW, self.customers, CUSTOMERS_TABLE,
+            changelog_topic(settings, CUSTOMERS_TABLE), state.decode_customer_state, state.seeded_customer,
+            state.apply_customer, _count_customer, _all_times, lambda c: c.events,
+        )  # fmt: skip
+        self._terminal_side = _Side(
+            "terminal", "terminal_id", d.TERMINAL_VIEW, self.terminals, TERMINALS_TABLE,
+            changelog_topic(settings, TERMINALS_TABLE), state.decode_terminal_state, state.seeded_terminal,
+            state.apply_terminal, _count_terminal, _transaction_times, lambda t: t.tiles,
+        )  # fmt: skip
         self._recovered = asyncio.Event()
         self._state_bytes = {"customer": 0, "terminal": 0}
         self._state_entities = {"customer": 0, "terminal": 0}
@@ -245,64 +267,39 @@ class FeatureJob:
             partition = event.message.partition
             # Counted per message, not per entity: a counter increment takes a lock.
             tally: Counter[tuple[str, str]] = Counter()
-            customers, customer_times = await self._apply_customers(batch.customers, partition, tally)
-            terminals, terminal_times = await self._apply_terminals(batch.terminals, partition, tally)
+            customers, customer_times = await self._apply(self._customer_side, batch.customers, partition, tally)
+            terminals, terminal_times = await self._apply(self._terminal_side, batch.terminals, partition, tally)
             for kind_result, n in tally.items():
                 if n:
                     _EVENTS[kind_result].inc(n)
             self.changelog.poll()
             self.sink.put(customers, terminals, customer_times, terminal_times)
 
-    async def _apply_customers(self, events: list, partition: int, tally: Counter) -> tuple[Rows, np.ndarray]:
-        """Applies one partition's customer events: (rows for the store, their event times)."""
+    async def _apply(self, side: _Side, events: list, partition: int, tally: Counter) -> tuple[Rows, np.ndarray]:
+        """Applies one partition's events of one entity kind: (rows for the store, the event
+        times they make visible)."""
         rows: Rows = {}
         times: list[int] = []
         if not events:
             return rows, _NO_TIMES
-        batch = state.group_by_entity(events, "customer_id")
-        data = self.customers.data
+        batch = state.group_by_entity(events, side.id_field)
+        data = side.table.data
         held = _held(data, batch)
-        seeds = await self._seeds(d.CUSTOMER_VIEW, held)
-        for customer_id, mine in batch.items():
-            key, before = held[customer_id]
-            current = state.decode_customer_state(before) if before else state.seeded_customer(seeds.get(customer_id))
-            new, applied = state.apply_customer(current, mine)
-            tally["transaction", "replay"] += applied.replays
+        seeds = await self._seeds(side.view, held)
+        for entity_id, mine in batch.items():
+            key, before = held[entity_id]
+            current = side.decode(before) if before else side.seeded(seeds.get(entity_id))
+            new, applied = side.apply(current, mine)
+            side.count(applied, tally)
             if applied.changed:
                 blob = state.encode_state(new)
-                self.changelog.put(data, self._customers_changelog, partition, key, blob)
-                self._grow("customer", before, blob)
-                # Transactions count once, on the customer side; the terminal side counts labels.
-                tally["transaction", "applied"] += applied.applied
-                times.extend(e.time_us for e in mine)
+                self.changelog.put(data, side.changelog, partition, key, blob)
+                self._grow(side.kind, before, blob)
+                times.extend(side.event_times(mine))
             # A replayed batch re-writes the entity too: a process killed after its changelog
             # write but before its store write left the store behind the state.
             if applied.changed or applied.replays:
-                rows[customer_id] = (new.events, new.latest_us)
-        return rows, np.array(times, dtype=np.int64)
-
-    async def _apply_terminals(self, events: list, partition: int, tally: Counter) -> tuple[Rows, np.ndarray]:
-        """Applies one partition's terminal events and labels, as ``_apply_customers``."""
-        rows: Rows = {}
-        times: list[int] = []
-        if not events:
-            return rows, _NO_TIMES
-        batch = state.group_by_entity(events, "terminal_id")
-        data = self.terminals.data
-        held = _held(data, batch)
-        seeds = await self._seeds(d.TERMINAL_VIEW, held)
-        for terminal_id, mine in batch.items():
-            key, before = held[terminal_id]
-            current = state.decode_terminal_state(before) if before else state.seeded_terminal(seeds.get(terminal_id))
-            new, applied = state.apply_terminal(current, mine)
-            _count_terminal(applied, tally)
-            if applied.changed:
-                blob = state.encode_state(new)
-                self.changelog.put(data, self._terminals_changelog, partition, key, blob)
-                self._grow("terminal", before, blob)
-                times.extend(e.time_us for e in mine if not e.is_label)
-            if applied.changed or applied.replays:
-                rows[terminal_id] = (new.tiles, new.latest_us)
+                rows[entity_id] = (side.stored(new), new.latest_us)
         return rows, np.array(times, dtype=np.int64)
 
     async def _seeds(self, view: str, held: dict[int, tuple[bytes, bytes | None]]) -> dict[int, tuple[bytes, int]]:
@@ -338,36 +335,32 @@ class FeatureJob:
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == changelog}
 
     async def _rewrite_customers(self) -> None:
-        await self._rewrite(self.customers, CUSTOMERS_TABLE, "customer")
+        await self._rewrite(self._customer_side)
 
     async def _rewrite_terminals(self) -> None:
-        await self._rewrite(self.terminals, TERMINALS_TABLE, "terminal")
+        await self._rewrite(self._terminal_side)
 
-    async def _rewrite(self, table, table_name: str, kind: str) -> None:
-        active = self._active_partitions(table_name)
-        rows: dict[int, tuple[bytes, int]] = {}
+    async def _rewrite(self, side: _Side) -> None:
+        active = self._active_partitions(side.table_name)
+        rows: Rows = {}
         size = 0
-        for key, blob in list(table.items()):
+        for key, blob in list(side.table.items()):
             entity_id = int(key)
             if state.partition_of(entity_id, self._partitions) not in active:
                 continue
             size += len(blob)
-            if kind == "customer":
-                c = state.decode_customer_state(blob)
-                rows[entity_id] = (c.events, c.latest_us)
-            else:
-                t = state.decode_terminal_state(blob)
-                rows[entity_id] = (t.tiles, t.latest_us)
-        self._state_bytes[kind] = size
-        self._state_entities[kind] = len(rows)
-        empty = np.empty(0, np.int64)
-        if kind == "customer":
-            self.sink.put(rows, {}, empty, empty)
+            recovered = side.decode(blob)
+            rows[entity_id] = (side.stored(recovered), recovered.latest_us)
+        self._state_bytes[side.kind] = size
+        self._state_entities[side.kind] = len(rows)
+        if side is self._customer_side:
+            self.sink.put(rows, {}, _NO_TIMES, _NO_TIMES)
         else:
-            self.sink.put({}, rows, empty, empty)
+            self.sink.put({}, rows, _NO_TIMES, _NO_TIMES)
         log.info(
-            "recovered %d %s states in partitions %s; re-writing them to the store", len(rows), kind, sorted(active)
-        )
+            "recovered %d %s states in partitions %s; re-writing them to the store",
+            len(rows), side.kind, sorted(active),
+        )  # fmt: skip
 
     # --- metrics --------------------------------------------------------------------------------
 
@@ -392,6 +385,19 @@ def _held(data, batch: dict[int, list]) -> dict[int, tuple[bytes, bytes | None]]
         key = str(entity_id).encode()
         held[entity_id] = (key, data.get(key))
     return held
+
+
+def _count_customer(applied: state.Applied, tally: Counter) -> None:
+    tally["transaction", "replay"] += applied.replays
+    tally["transaction", "applied"] += applied.applied  # 0 when nothing changed
+
+
+def _all_times(events: list) -> Iterable[int]:
+    return (e.time_us for e in events)
+
+
+def _transaction_times(events: list) -> Iterable[int]:
+    return (e.time_us for e in events if not e.is_label)
 
 
 def _count_terminal(applied: state.Applied, tally: Counter) -> None:
