@@ -3,6 +3,7 @@
     .venv/bin/python bench/tracing_bench.py              # 3 pairs, ~12 minutes
     .venv/bin/python bench/tracing_bench.py --pairs 5    # steadier, ~20 minutes
     .venv/bin/python bench/tracing_bench.py --quick      # 2 short pairs, ~6 minutes
+    .venv/bin/python bench/tracing_bench.py --only grpc --pairs 5 --duration 15 --rates 500,1000
 
 A real Jaeger (scripts/tools.sh jaeger) receives the spans over OTLP, as in production.
 "On" is ``tracing.enabled`` with ``sample_ratio`` 0.01 (and degraded decisions kept).
@@ -229,10 +230,13 @@ def measured_run(
     env = tracing_env(on, jaeger.otlp_endpoint)
     collector_cpu_s = tree_cpu_s(collector) if collector else float("nan")
     run: dict = {"tracing": name, "loadavg_before": list(os.getloadavg())}
-    print(f"tracing {name}: Kafka drain of {events} events ...", flush=True)
-    run["kafka"] = kafka_drain(events, env, worker_cpu)
-    print(f"tracing {name}: gRPC at {rates} req/s ...", flush=True)
-    run["grpc"] = grpc_latency(binary, grpc_args, rates, env)
+    run["kafka"], run["grpc"] = {}, []
+    if events:
+        print(f"tracing {name}: Kafka drain of {events} events ...", flush=True)
+        run["kafka"] = kafka_drain(events, env, worker_cpu)
+    if rates:
+        print(f"tracing {name}: gRPC at {rates} req/s ...", flush=True)
+        run["grpc"] = grpc_latency(binary, grpc_args, rates, env)
     run["loadavg_after"] = list(os.getloadavg())
     run["collector_cpu_s"] = (tree_cpu_s(collector) if collector else float("nan")) - collector_cpu_s
     print(json.dumps({"kafka": run["kafka"], "grpc": [_brief(r) for r in run["grpc"]]}), flush=True)
@@ -251,6 +255,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=None, help="pre-loaded events per drain (default 60,000)")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per gRPC rate (default 6)")
     parser.add_argument("--rates", default="1000,2000")
+    parser.add_argument("--only", choices=("kafka", "grpc"), help="measure one path only")
     parser.add_argument("--grpc-port", type=int, default=50071)
     parser.add_argument("--metrics-port", type=int, default=kafka_bench.METRICS_PORT)
     args = parser.parse_args()
@@ -263,16 +268,20 @@ def main() -> int:
     grpc_args = grpc_bench.parse_args(["--duration", str(duration_s), "--skip-echo", "--port", str(args.grpc_port)])
     from workers.settings import load_settings
 
+    kafka_on, grpc_on = args.only in (None, "kafka"), args.only in (None, "grpc")
     print("materializing benchmark features, building the load generator ...", flush=True)
-    kafka_bench.materialize(kafka_bench.bench_settings(ROOT / ".stack" / "bench-feature-repo"))
-    grpc_bench.seed_features(load_settings(feast={"project": grpc_bench.BENCH_PROJECT}))
-    binary = grpc_bench.build_loadgen()
+    if kafka_on:
+        kafka_bench.materialize(kafka_bench.bench_settings(ROOT / ".stack" / "bench-feature-repo"))
+    if grpc_on:
+        grpc_bench.seed_features(load_settings(feast={"project": grpc_bench.BENCH_PROJECT}))
+    binary = grpc_bench.build_loadgen() if grpc_on else None
     report: dict = {
         "sample_ratio": float(SAMPLE_RATIO),
         "pairs": pairs,
         "events": events,
         "grpc_duration_s": duration_s,
         "rates": rates,
+        "only": args.only,
         "cpus": os.cpu_count(),
         "loadavg_start": list(os.getloadavg()),
         "runs": [],
@@ -284,7 +293,10 @@ def main() -> int:
         for pair in range(pairs):
             order = (("off", False), ("on", True)) if pair % 2 == 0 else (("on", True), ("off", False))
             for name, on in order:
-                run = measured_run(name, on, jaeger, collector, events, binary, grpc_args, rates, worker_cpu)
+                run = measured_run(
+                    name, on, jaeger, collector, events if kafka_on else 0, binary, grpc_args,
+                    rates if grpc_on else [], worker_cpu,
+                )  # fmt: skip
                 run["pair"] = pair
                 report["runs"].append(run)
         report["jaeger_traces"] = {s: traces_in(jaeger, s) for s in ("fraudscore-worker", "fraudscore-grpc")}
@@ -296,10 +308,10 @@ def main() -> int:
 
 def _figures(run: dict) -> dict[str, float]:
     """The compared figures of one run, by name."""
-    figures = {
-        "kafka events/s": run["kafka"]["events_per_s"],
-        "kafka worker CPU us/event": run["kafka"]["worker_cpu_us_per_event"],
-    }
+    figures = {}
+    if run["kafka"]:
+        figures["kafka events/s"] = run["kafka"]["events_per_s"]
+        figures["kafka worker CPU us/event"] = run["kafka"]["worker_cpu_us_per_event"]
     for row in run["grpc"]:
         for key in GRPC_KEYS:
             figures[f"gRPC {row['offered_rps']} req/s {key}"] = float(row[key])
@@ -346,8 +358,9 @@ def write_report(report: dict) -> None:
         f"# Tracing on ({report['sample_ratio']:.0%} head sampling, degraded kept) vs off, {stamp}",
         "",
         (
-            f"{report['pairs']} pairs, order alternating (off-on, on-off, ...); Kafka: drain of "
-            f"{report['events']} pre-loaded events; gRPC: {report['grpc_duration_s']:g} s per rate, 10 ms budgets. "
+            f"{report['pairs']} pairs, order alternating (off-on, on-off, ...); "
+            + (f"Kafka: drain of {report['events']} pre-loaded events; " if report.get("only") != "grpc" else "")
+            + f"gRPC: {report['grpc_duration_s']:g} s per rate, 10 ms budgets. "
             f"{report['cpus']} CPUs; load average {_load(report['loadavg_start'])} at start, "
             f"{_load(report['loadavg_end'])} at end. Traces in the collector at the end (up to 1,000 "
             f"counted): {report.get('jaeger_traces')}."
@@ -385,11 +398,16 @@ def write_report(report: dict) -> None:
         lines.append(
             f"| {run['pair']} | {run['tracing']} | {run['loadavg_before'][0]:.1f} -> {run['loadavg_after'][0]:.1f} | "
             f"{run['collector_cpu_s']:.1f} | "
-            f"{run['kafka']['events_per_s']:.0f} | {run['kafka']['worker_cpu_us_per_event']:.1f} | "
-            f"{run['kafka']['degraded']} | {grpc_cells} | {degraded} |"
+            f"{_kafka_cells(run['kafka'])} | {grpc_cells} | {degraded} |"
         )
     (RESULTS / f"tracing-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _kafka_cells(kafka: dict) -> str:
+    if not kafka:
+        return "- | - | -"  # --only grpc
+    return f"{kafka['events_per_s']:.0f} | {kafka['worker_cpu_us_per_event']:.1f} | {kafka['degraded']}"
 
 
 def _load(loadavg: list[float]) -> str:

@@ -9,6 +9,9 @@
 #   scripts/stack.sh down     stop what this script started (down kafka / redis / prometheus: only those named)
 #   scripts/stack.sh down-services   name the services not answering now (those `up` would start)
 #   scripts/stack.sh status   say what is running
+#   scripts/stack.sh reset    stop what this script started and delete the broker's data and the
+#                             benchmarks' Feast repos, so the next `up` starts empty (a broker that
+#                             kept every test's and benchmark's topics spends minutes loading them)
 #
 # Kafka's jars come from Maven Central (scripts/kafka/pom.xml) into $FRAUDSCORE_CACHE
 # (default ~/.cache/fraudscore); state and logs go to .stack/ in the repo (git-ignored).
@@ -176,6 +179,15 @@ case "${1:-}" in
     port_open "$REDIS_HOST" "$REDIS_PORT" || printf 'redis '
     port_open "$PROMETHEUS_HOST" "$PROMETHEUS_PORT" || printf 'prometheus '
     ;;
+  reset)
+    for name in prometheus kafka redis; do stop_pidfile "$name" "$STATE/$name.pid"; done
+    if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
+      log "a broker this script did not start answers on $KAFKA_HOST:$KAFKA_PORT; its data is not ours to delete"
+      exit 1
+    fi
+    rm -rf "$STATE/kafka-data" "$STATE/bench-feature-repo" "$STATE/read-bench-feature-repo"
+    log "broker data and benchmark Feast repos deleted; the next up starts empty"
+    ;;
   status) status ;;
-  *) echo "usage: $0 up|down [kafka|redis|prometheus]|down-services|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down [kafka|redis|prometheus]|down-services|status|reset" >&2; exit 2 ;;
 esac

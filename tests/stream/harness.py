@@ -301,6 +301,30 @@ def metric_value(port: int, name: str, labels: dict[str, str]) -> float:
     return 0.0
 
 
+def job_state(port: int) -> str:
+    """The job's lag per partition and event counts, for a failure message: a stuck partition
+    (lag that stays) tells "not consumed" apart from "consumed but wrong"."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError as exc:
+        return f"metrics unreadable: {exc}"
+    wanted = {
+        "fraudscore_stream_lag_messages",
+        "fraudscore_stream_events_total",
+        "fraudscore_stream_store_pending_entities",
+    }
+    return "; ".join(
+        f"{sample.name}{sample.labels}={sample.value:g}"
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name in wanted and sample.value
+    )
+
+
 def wait_for_metric(port: int, name: str, labels: dict[str, str], at_least: float, timeout_s: float) -> float:
     deadline = time.monotonic() + timeout_s
     value = 0.0

@@ -93,11 +93,15 @@ def test_kill_9_mid_stream_recovers_state_and_counts_no_event_twice(job: Setting
         started = time.monotonic()
         # The same instance id (static membership): the partitions come back without waiting
         # for the dead member's session to time out.
-        worker = h.start_job(h.job_env(job, "k"), tmp_path / "job2.log")
+        env = h.job_env(job, "k")
+        worker = h.start_job(env, tmp_path / "job2.log")
         worker.wait_for_log("re-writing them to the store", 60)
         recovered_s = time.monotonic() - started
         problems = h.wait_for_store(job, h.truth_customers(txns), h.truth_terminals(txns, labels), STORE_TIMEOUT_S)
-        assert problems == [], f"{len(problems)} entities differ from the truth: {problems[:5]}"
+        port = int(env["FRAUDSCORE_METRICS__STREAM_PORT"])
+        assert problems == [], (
+            f"{len(problems)} entities differ from the truth: {problems[:8]}; job: {h.job_state(port)}"
+        )
         assert recovered_s < 30, f"recovery took {recovered_s:.0f} s"
     finally:
         worker.stop()
