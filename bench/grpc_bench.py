@@ -188,14 +188,20 @@ def wait_serving(port: int, processes: int, timeout_s: float = 180.0) -> None:
         raise TimeoutError("service did not become SERVING")
 
 
-def measure(binary: Path, args: argparse.Namespace, rate: int, budget_us: int) -> dict:
-    command = [
-        str(binary), f"-target=127.0.0.1:{args.port}", f"-rate={rate}", f"-duration={args.duration}s",
+def loadgen_command(binary: Path, args: argparse.Namespace, rate: int, budget_us: int, port: int | None = None):
+    return [
+        str(binary), f"-target=127.0.0.1:{port or args.port}", f"-rate={rate}", f"-duration={args.duration}s",
         f"-warmup={args.warmup}s", f"-streams={args.streams}", f"-budget-us={budget_us}",
         f"-customers={CUSTOMERS}", f"-terminals={TERMINALS}",
     ]  # fmt: skip
-    env = {**os.environ, "GOMAXPROCS": "2"}
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+
+
+LOADGEN_ENV = {"GOMAXPROCS": "2"}
+
+
+def measure(binary: Path, args: argparse.Namespace, rate: int, budget_us: int) -> dict:
+    command = loadgen_command(binary, args, rate, budget_us)
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, **LOADGEN_ENV}).stdout
     return json.loads(out)
 
 
@@ -210,20 +216,30 @@ def sweep(name: str, binary: Path, args: argparse.Namespace, rates: list[int], b
     return rows
 
 
-def start_service(args: argparse.Namespace) -> subprocess.Popen:
+def start_service(
+    args: argparse.Namespace,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """``metrics_port``: the first process's metrics port (the others follow it), when two
+    services run side by side."""
     env = {
         **os.environ,
+        **(env or {}),
         "FRAUDSCORE_FEAST__PROJECT": BENCH_PROJECT,
         "FRAUDSCORE_FEAST__READER": "lean",
         "FRAUDSCORE_METRICS__PORT": "19190",
         "FRAUDSCORE_LOG_LEVEL": "WARNING",
     }
+    if metrics_port is not None:
+        env["FRAUDSCORE_METRICS__GRPC_PORT"] = str(metrics_port)
     command = [
         sys.executable,
         "-m",
         "workers",
         "grpc",
-        f"--port={args.port}",
+        f"--port={port or args.port}",
         "--rest-port=0",
         f"--processes={args.processes}",
     ]

@@ -4,6 +4,7 @@
     .venv/bin/python bench/tracing_bench.py --pairs 5    # steadier, ~20 minutes
     .venv/bin/python bench/tracing_bench.py --quick      # 2 short pairs, ~6 minutes
     .venv/bin/python bench/tracing_bench.py --only grpc --pairs 5 --duration 15 --rates 500,1000
+    .venv/bin/python bench/tracing_bench.py --simultaneous --pairs 6 --duration 15 --rates 250,500
 
 A real Jaeger (scripts/tools.sh jaeger) receives the spans over OTLP, as in production.
 "On" is ``tracing.enabled`` with ``sample_ratio`` 0.01 (and degraded decisions kept).
@@ -24,6 +25,13 @@ box's load does not always favour the same side. Reported: every run with the lo
 before and after it, each pair's ratio on/off, the median of each side and the ratio of the
 medians (the figure to read). Results: printed, and written to
 ``bench/results/tracing-<time>.json`` and ``.md``.
+
+``--simultaneous`` (gRPC only): pairs one after the other still differ by whatever the box did
+in between (on 2 cores, p99 pairs ranged 0.5-2.2 on/off). So this mode runs an "off" and an
+"on" service at the same time, one process each on ports of their own, each with its own load
+generator at the given rate (the box carries twice the rate): what disturbs one disturbs the
+other in the same seconds, and each pair's ratio is steadier. The ports swap between pairs.
+Written to ``bench/results/tracing-simultaneous-<time>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -256,6 +265,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per gRPC rate (default 6)")
     parser.add_argument("--rates", default="1000,2000")
     parser.add_argument("--only", choices=("kafka", "grpc"), help="measure one path only")
+    parser.add_argument("--simultaneous", action="store_true", help="gRPC off and on at the same time (see above)")
     parser.add_argument("--grpc-port", type=int, default=50071)
     parser.add_argument("--metrics-port", type=int, default=kafka_bench.METRICS_PORT)
     args = parser.parse_args()
@@ -268,6 +278,8 @@ def main() -> int:
     grpc_args = grpc_bench.parse_args(["--duration", str(duration_s), "--skip-echo", "--port", str(args.grpc_port)])
     from workers.settings import load_settings
 
+    if args.simultaneous:
+        return simultaneous(pairs, duration_s, rates, args.grpc_port)
     kafka_on, grpc_on = args.only in (None, "kafka"), args.only in (None, "grpc")
     print("materializing benchmark features, building the load generator ...", flush=True)
     if kafka_on:
@@ -401,6 +413,118 @@ def write_report(report: dict) -> None:
             f"{_kafka_cells(run['kafka'])} | {grpc_cells} | {degraded} |"
         )
     (RESULTS / f"tracing-{stamp}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def simultaneous(pairs: int, duration_s: float, rates: list[int], port: int) -> int:
+    from workers.settings import load_settings
+
+    grpc_args = grpc_bench.parse_args(["--duration", str(duration_s), "--processes", "1", "--port", str(port)])
+    grpc_bench.seed_features(load_settings(feast={"project": grpc_bench.BENCH_PROJECT}))
+    binary = grpc_bench.build_loadgen()
+    report: dict = {"pairs": pairs, "grpc_duration_s": duration_s, "rates": rates, "cpus": os.cpu_count()}
+    report["loadavg_start"] = list(os.getloadavg())
+    with tempfile.TemporaryDirectory() as workdir, running_jaeger(Path(workdir)) as jaeger:
+        report["points"] = [
+            point
+            for pair in range(pairs)
+            for point in _simultaneous_pair(pair, binary, grpc_args, rates, jaeger.otlp_endpoint)
+        ]
+    report["loadavg_end"] = list(os.getloadavg())
+    report["summary"] = _simultaneous_summary(report["points"], rates)
+    _write_simultaneous(report)
+    return 0
+
+
+def _simultaneous_pair(pair: int, binary: Path, grpc_args, rates: list[int], otlp_endpoint: str) -> list[dict]:
+    """One "off" and one "on" service at once (ports swapped on odd pairs), each rate measured
+    on both by two load generators started together."""
+    sides = ("off", "on") if pair % 2 == 0 else ("on", "off")
+    ports = {side: grpc_args.port + i for i, side in enumerate(sides)}
+    services = {
+        side: grpc_bench.start_service(grpc_args, ports[side], 19290 + 10 * i, tracing_env(side == "on", otlp_endpoint))
+        for i, side in enumerate(sides)
+    }
+    try:
+        for side in sides:
+            grpc_bench.wait_serving(ports[side], 1)
+        points = []
+        for rate in rates:
+            cpu_before = {side: tree_cpu_s(services[side].pid) for side in sides}
+            budget_us = int(grpc_args.budget_ms * 1000)
+            loads = {
+                side: subprocess.Popen(
+                    grpc_bench.loadgen_command(binary, grpc_args, rate, budget_us, ports[side]),
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, **grpc_bench.LOADGEN_ENV},
+                )
+                for side in sides
+            }
+            rows = {side: json.loads(loads[side].communicate()[0]) for side in sides}
+            offered = rate * (grpc_args.duration + grpc_args.warmup)
+            for side in sides:
+                rows[side]["server_cpu_us_per_request"] = (
+                    (tree_cpu_s(services[side].pid) - cpu_before[side]) / offered * 1e6
+                )
+            point = {"pair": pair, "rate": rate, "port_of_off": ports["off"], **{s: _brief(rows[s]) for s in sides}}
+            print(json.dumps(point), flush=True)
+            points.append(point)
+        return points
+    finally:
+        for service in services.values():
+            grpc_bench.stop(service)
+
+
+def _simultaneous_summary(points: list[dict], rates: list[int]) -> dict:
+    summary = {}
+    for rate in rates:
+        at_rate = [p for p in points if p["rate"] == rate]
+        for key in (*GRPC_KEYS, "server_cpu_us_per_request"):
+            off = [float(p["off"][key]) for p in at_rate]
+            on = [float(p["on"][key]) for p in at_rate]
+            ratios = [_ratio(b, a) for a, b in zip(off, on)]
+            summary[f"gRPC {rate} req/s {key}"] = {
+                "off": off,
+                "on": on,
+                "pair_ratios": ratios,
+                "median_pair_ratio": statistics.median(ratios),
+                "ratio_of_medians": _ratio(statistics.median(on), statistics.median(off)),
+            }
+    return summary
+
+
+def _write_simultaneous(report: dict) -> None:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"tracing-simultaneous-{stamp}.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        f"# Tracing on ({SAMPLE_RATIO} head sampling, degraded kept) vs off at the same time, {stamp}",
+        "",
+        (
+            f"{report['pairs']} pairs; in each, an off and an on `fraudscore grpc` (one process each) ran side by "
+            f"side, each with its own open-loop load generator at the rate below ({report['grpc_duration_s']:g} s "
+            f"per point, 10 ms budgets), ports swapped every pair. {report['cpus']} CPUs; load average "
+            f"{_load(report['loadavg_start'])} at start, {_load(report['loadavg_end'])} at end."
+        ),
+        "",
+        "| figure | off (median) | on (median) | on/off (medians) | on/off (median of pairs) | pair ratios on/off |",
+        "|---|---|---|---|---|---|",
+    ]
+    for figure, row in report["summary"].items():
+        lines.append(
+            f"| {figure} | {statistics.median(row['off']):.0f} | {statistics.median(row['on']):.0f} | "
+            f"{row['ratio_of_medians']:.3f} | {row['median_pair_ratio']:.3f} | "
+            + ", ".join(f"{r:.3f}" for r in row["pair_ratios"])
+            + " |"
+        )
+    lines += ["", "Degraded answers per point (off / on):", ""]
+    for point in report["points"]:
+        lines.append(
+            f"- pair {point['pair']}, {point['rate']} req/s: off {point['off']['degraded_by_cause'] or 0}, "
+            f"on {point['on']['degraded_by_cause'] or 0}"
+        )
+    (RESULTS / f"tracing-simultaneous-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

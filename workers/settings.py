@@ -167,10 +167,12 @@ class TracingSettings(BaseModel):
     # always wins): the share traced. Degraded decisions are kept anyway with keep_degraded.
     sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     keep_degraded: bool = True
-    # Traces written per second at most, whatever asked for them (caller, sampling, degraded).
-    # One trace is 7-8 spans, ~0.3 ms of CPU in the Python SDK on the 2-core bench box; without
-    # a cap a degraded storm traces everything, which adds load, which degrades more.
-    max_traces_per_s: Annotated[float, Field(gt=0.0)] = 100.0
+    # Traces written per second at most (per process), whatever asked for them (caller,
+    # sampling, degraded). Writing one costs CPU on the GIL the pipeline needs, and under
+    # overload keep_degraded asks for nearly every decision: traced, the overload grows (the
+    # side-by-side tracing benchmark showed it at 100/s). Beyond the cap a trace is counted,
+    # not written (fraudscore_traces_total{result="rate_limited"}).
+    max_traces_per_s: Annotated[float, Field(gt=0.0)] = 20.0
 
 
 class MetricsSettings(BaseModel):
