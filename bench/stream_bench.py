@@ -19,6 +19,8 @@ import argparse
 import json
 import os
 import random
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +54,13 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 def applied(metrics: dict) -> float:
     return metrics.get(("fraudscore_stream_events_total", (("kind", "transaction"), ("result", "applied"))), 0.0)
+
+
+def start_profile(pid: int, path: Path) -> subprocess.Popen:
+    """py-spy (this venv's) on the job, its threads apart, until SIGINT: raw collapsed stacks."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    command = [str(py_spy), "record", "-p", str(pid), "-r", "100", "-f", "raw", "--threads", "-o", str(path)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -182,6 +191,7 @@ def main() -> int:
     # at a live rate that per-message cost, not the events, is what saturates the job.
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--slice-ms", type=float, default=20.0)
+    parser.add_argument("--profile", type=Path, help="py-spy the job over the replay, raw stacks to this file")
     args = parser.parse_args()
 
     base = load_settings()
@@ -212,6 +222,7 @@ def main() -> int:
     try:
         cpu_before = None
         first, done = None, None
+        spy = None
         # CPU is read from the first applied event on, so start-up and recovery are not in it.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and cpu_before is None:
@@ -219,10 +230,14 @@ def main() -> int:
                 if applied(scrape(port)) > 0:
                     cpu_before = cpu_seconds(worker.process.pid)
                     first = time.monotonic()
+                    spy = start_profile(worker.process.pid, args.profile) if args.profile else None
             except OSError:
                 pass
             time.sleep(0.05)
         _, done = wait_applied(port, args.replay, 600)
+        if args.profile and spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         if first and done:
             cpu = cpu_seconds(worker.process.pid) - (cpu_before or 0.0)
             result["replay_seconds"] = round(done - first, 2)

@@ -164,6 +164,23 @@ def test_packed_customer_merge_equals_numpys(old, new, shift) -> None:
     assert h.merge_customer_packed(blob, in_order) == expected
 
 
+# Times from a handful of values: ties between held and new events and among new ones, where
+# the stable order decides (held first, then new in arrival order); both ways of reading times.
+_TIED_ROWS = st.lists(st.tuples(st.integers(0, 4), st.integers(0, 99), st.integers(0, 9)), max_size=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(old=_TIED_ROWS, new=_TIED_ROWS.filter(bool), native=st.booleans())
+def test_packed_customer_merge_with_ties_equals_numpys(old, new, native) -> None:
+    blob = _customer_blob(old)
+    expected = h.pack(h.merge_customer(h.unpack_customer(blob), np.array(new, dtype=h.CUSTOMER_EVENT_DTYPE)))
+    was, h._NATIVE_IS_LITTLE = h._NATIVE_IS_LITTLE, native and h._NATIVE_IS_LITTLE
+    try:
+        assert h.merge_customer_packed(blob, new) == expected
+    finally:
+        h._NATIVE_IS_LITTLE = was
+
+
 def test_packed_customer_merge_trims_at_the_cap_as_numpy() -> None:
     rows = [(i, 1, 1) for i in range(h.CUSTOMER_MAX_EVENTS)]
     blob = _customer_blob(rows)

@@ -46,13 +46,32 @@ def redis_key_function(project: str, join_key: str) -> Callable[[int], bytes]:
     return key
 
 
-def _varint(value: int) -> bytes:
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# The writer encodes a value length and a timestamp (seconds, nanos) per entity it writes,
+# thousands a second: varints are put together from two tables of 14-bit groups instead of
+# a loop per 7 bits. _SHORT: the varint of a number below 2**14; _CONTINUED: the two bytes of
+# 14 low bits when more groups follow.
+_SHORT = tuple(_encode_varint(n) for n in range(1 << 14))
+_CONTINUED = tuple(bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80)) for n in range(1 << 14))
+_LOW14 = (1 << 14) - 1
+
+
+def _varint(value: int) -> bytes:
+    if value < 1 << 14:
+        return _SHORT[value]
+    if value < 1 << 28:
+        return _CONTINUED[value & _LOW14] + _SHORT[value >> 14]
+    if value < 1 << 42:
+        return _CONTINUED[value & _LOW14] + _CONTINUED[(value >> 14) & _LOW14] + _SHORT[value >> 28]
+    return _encode_varint(value)
 
 
 def bytes_value(blob: bytes) -> bytes:
@@ -69,9 +88,7 @@ def timestamp(time_us: int) -> bytes:
         seconds, micros = divmod(time_us, 1_000_000)
         return Timestamp(seconds=seconds, nanos=micros * 1_000).SerializeToString()
     seconds, micros = divmod(time_us, 1_000_000)
-    out = b""
-    if seconds:
-        out += b"\x08" + _varint(seconds)
+    out = b"\x08" + _varint(seconds) if seconds else b""
     if micros:
         out += b"\x10" + _varint(micros * 1_000)
     return out
