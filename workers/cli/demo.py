@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 from confluent_kafka import Consumer
@@ -77,18 +78,39 @@ def run_demo(settings: Settings, rate: float, seconds: float | None) -> int:
     for thread in threads:
         thread.start()
     _print_addresses(settings, rate)
+    children = {"producer": producer, "gRPC server": server, "worker": worker, "feature job": job}
+    died: list[str] = []
     try:
-        _tail_decisions(settings, stop, callers, deadline=None if seconds is None else time.monotonic() + seconds)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        _tail_decisions(settings, stop, callers, deadline, lambda: _died(children, died))
     finally:
         stop.set()
         for thread in threads:
             thread.join(10)
-        children = (producer, server, worker, job)
-        for process in children:
-            process.send_signal(signal.SIGTERM)
-        for process in children:
-            process.wait(timeout=60)
+        _stop_all(children.values())
+    if died:
+        print(f"demo stopped early: {', '.join(died)} exited", file=sys.stderr)
+        return 1
     return worker.returncode or 0
+
+
+def _died(children: dict[str, subprocess.Popen], died: list[str]) -> bool:
+    """True (and the dead named) once a child has exited while the demo runs: without the
+    feature job, say, the burst would never change a decision and nothing would say why."""
+    died[:] = [f"{name} (code {p.returncode})" for name, p in children.items() if p.poll() is not None]
+    return bool(died)
+
+
+def _stop_all(processes) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # hung in its own shutdown: it must not outlive the demo
+            process.kill()
+            process.wait()
 
 
 def _scorer_env() -> dict[str, str]:
@@ -220,7 +242,9 @@ async def _caller_loop(settings: Settings, callers: CallerStats, stop: threading
             await asyncio.sleep(1.0)
 
 
-def _tail_decisions(settings: Settings, stop: threading.Event, callers: CallerStats, deadline: float | None) -> None:
+def _tail_decisions(
+    settings: Settings, stop: threading.Event, callers: CallerStats, deadline: float | None, failed: Callable[[], bool]
+) -> None:
     consumer = Consumer(
         {
             **connection_config(settings.kafka, "demo-tail"),
@@ -249,6 +273,8 @@ def _tail_decisions(settings: Settings, stop: threading.Event, callers: CallerSt
                 if decision.outcome != "APPROVE":
                     sample = decision
             if time.monotonic() - last_report >= _REPORT_EVERY_S:
+                if failed():
+                    return
                 _report(outcomes, latencies_ms, sample, time.monotonic() - last_report)
                 _report_callers(*callers.take())
                 outcomes.clear()

@@ -52,8 +52,15 @@ def run(settings: Settings) -> int:
 
 
 def _assigned(job) -> CheckResult:
+    """Ready once faust's consumer holds partitions. Never through ``app.consumer``: that
+    property creates the consumer when there is none, and made from this probe's thread
+    before the worker starts, it is bound to another event loop, and the worker then dies at
+    start ("Future attached to a different loop": the demo's readiness poll hit it)."""
+    consumer = job.app._consumer  # None until the worker makes it, on its own loop
+    if consumer is None:
+        return CheckResult(False, "consumer not started")
     try:
-        assigned = job.app.consumer.assignment()
-    except Exception as exc:  # the consumer does not exist before the worker starts
-        return CheckResult(False, f"consumer not started: {exc}")
+        assigned = consumer.assignment()
+    except Exception as exc:  # starting or stopping
+        return CheckResult(False, f"consumer not ready: {exc}")
     return CheckResult(bool(assigned), f"{len(assigned)} partitions assigned")
