@@ -72,3 +72,16 @@ def test_timestamps_never_move_backwards_and_equal_ones_overwrite(tmp_path, redi
     many = {i: (b"D" * 24, 2_000) for i in range(600)}  # several script calls in one round trip
     assert writer.write({}, many).written == 600
     writer.close()
+
+
+def test_a_write_after_redis_lost_its_scripts_loads_the_script_and_writes(tmp_path, redis_server) -> None:
+    # The writer calls EVALSHA directly (no SCRIPT EXISTS round trip): a Redis that restarted or
+    # ran SCRIPT FLUSH answers NOSCRIPT, and the write must still land.
+    settings = store_settings(tmp_path, redis_server)
+    writer = FeatureWriter(settings)
+    assert writer.write({}, {3: (b"A" * 24, 1_000)}).written == 1
+    redis.Redis.from_url(settings.redis.url).script_flush()
+    assert writer.write({1: (_blob(1, 4), 2_000)}, {3: (b"B" * 24, 2_000)}).written == 2
+    assert writer.read_blobs(d.TERMINAL_VIEW, [3]) == {3: b"B" * 24}
+    assert writer.read_blobs(d.CUSTOMER_VIEW, [1]) == {1: _blob(1, 4)}
+    writer.close()

@@ -94,6 +94,7 @@ class FeatureWriter:
             )
         }
         self._script = self._client.register_script(WRITE_IF_NOT_OLDER)
+        self._no_script = redis.exceptions.NoScriptError
 
     def key(self, view: str, entity_id: int) -> bytes:
         return self._views[view].key(int(entity_id))
@@ -106,12 +107,24 @@ class FeatureWriter:
         calls = self._calls(d.CUSTOMER_VIEW, customers) + self._calls(d.TERMINAL_VIEW, terminals)
         if not calls:
             return WriteResult(0, 0)
-        with self._client.pipeline(transaction=False) as pipe:
-            for keys, argv in calls:
-                self._script(keys=keys, args=argv, client=pipe)
-            written = sum(int(n) for n in pipe.execute())
+        try:
+            written = self._run(calls)
+        except self._no_script:
+            # Redis restarted or flushed its scripts: load it, write again (rows are absolute
+            # and never move a timestamp back, so the calls that did run are harmless twice).
+            self._client.script_load(WRITE_IF_NOT_OLDER)
+            written = self._run(calls)
         total = len(customers) + len(terminals)
         return WriteResult(written, total - written)
+
+    def _run(self, calls: list[tuple[list[bytes], list]]) -> int:
+        # Plain EVALSHA: a redis-py Script in a pipeline sends SCRIPT EXISTS first, one more
+        # round trip per write.
+        sha = self._script.sha
+        with self._client.pipeline(transaction=False) as pipe:
+            for keys, argv in calls:
+                pipe.evalsha(sha, len(keys), *keys, *argv)
+            return sum(int(n) for n in pipe.execute())
 
     def _calls(self, view: str, rows: Mapping[int, tuple[bytes, int]]) -> list[tuple[list[bytes], list]]:
         spec = self._views[view]
