@@ -65,8 +65,11 @@ Export = Callable[[ExportTraceServiceRequest], None]
 # Batch spans already written (by id); a batch finishes within milliseconds, so a short memory does.
 _BATCHES_REMEMBERED = 4096
 # Spans per export request, and how long written spans wait for company before they are sent.
+# Each export is a gRPC call from this process (CPU on the GIL the pipeline needs), so at a
+# few traces a second they are gathered for a while: a trace shows in the collector up to
+# that much later. The OpenTelemetry SDK's batch processor waits 5 s by default.
 _EXPORT_BATCH_SPANS = 512
-_EXPORT_INTERVAL_S = 0.5
+_EXPORT_INTERVAL_S = 2.0
 _EXPORT_TIMEOUT_S = 10.0
 # Decisions waiting for their spans to be written; past this the writer is behind and new ones are dropped.
 _PENDING_MAX = 10_000

@@ -139,14 +139,16 @@ def test_redis_stopped_then_back_loses_no_update(local_stack: Settings, kafka_to
 @pytest.mark.xfail(reason="partitions moved by a rebalance sometimes stop being consumed (see comment)", strict=False)
 def test_two_processes_share_the_partitions(job: Settings, tmp_path) -> None:
     txns, labels = _events(1000, seed=7)
-    workers = [h.start_job(h.job_env(job, name), tmp_path / f"{name}.log") for name in ("p", "q")]
+    envs = [h.job_env(job, name) for name in ("p", "q")]
+    workers = [h.start_job(env, tmp_path / f"{env['FRAUDSCORE_STREAM__INSTANCE_ID']}.log") for env in envs]
     try:
         for worker in workers:
             worker.wait_for_log("re-writing them to the store", 60)
         h.produce_transactions(job.kafka, txns)
         h.produce_labels(job.kafka, labels)
         problems = h.wait_for_store(job, h.truth_customers(txns), h.truth_terminals(txns, labels), STORE_TIMEOUT_S)
-        assert problems == [], f"{len(problems)} entities differ from the truth: {problems[:5]}"
+        states = [h.job_state(int(env["FRAUDSCORE_METRICS__STREAM_PORT"])) for env in envs]
+        assert problems == [], f"{len(problems)} entities differ from the truth: {problems[:8]}; jobs: {states}"
         # Both took part: each one's last assignment holds some of the state partitions.
         for worker in workers:
             last = [line for line in worker.log().splitlines() if "customer states in partitions" in line][-1]
