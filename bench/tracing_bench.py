@@ -292,7 +292,7 @@ def main() -> int:
         "pairs": pairs,
         "events": events,
         "grpc_duration_s": duration_s,
-        "rates": rates,
+        "rates": rates if grpc_on else [],
         "only": args.only,
         "cpus": os.cpu_count(),
         "loadavg_start": list(os.getloadavg()),
