@@ -364,8 +364,6 @@ def _within_5_percent(row: dict) -> bool:
 
 def write_report(report: dict) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"tracing-{stamp}.json").write_text(json.dumps(report, indent=2))
     lines = [
         f"# Tracing on ({report['sample_ratio']:.0%} head sampling, degraded kept) vs off, {stamp}",
         "",
@@ -412,8 +410,7 @@ def write_report(report: dict) -> None:
             f"{run['collector_cpu_s']:.1f} | "
             f"{_kafka_cells(run['kafka'])} | {grpc_cells} | {degraded} |"
         )
-    (RESULTS / f"tracing-{stamp}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _save(f"tracing-{stamp}", report, lines)
 
 
 def simultaneous(pairs: int, duration_s: float, rates: list[int], port: int) -> int:
@@ -496,8 +493,6 @@ def _simultaneous_summary(points: list[dict], rates: list[int]) -> dict:
 
 def _write_simultaneous(report: dict) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"tracing-simultaneous-{stamp}.json").write_text(json.dumps(report, indent=2))
     lines = [
         f"# Tracing on ({SAMPLE_RATIO} head sampling, degraded kept) vs off at the same time, {stamp}",
         "",
@@ -524,7 +519,14 @@ def _write_simultaneous(report: dict) -> None:
             f"- pair {point['pair']}, {point['rate']} req/s: off {point['off']['degraded_by_cause'] or 0}, "
             f"on {point['on']['degraded_by_cause'] or 0}"
         )
-    (RESULTS / f"tracing-simultaneous-{stamp}.md").write_text("\n".join(lines) + "\n")
+    _save(f"tracing-simultaneous-{stamp}", report, lines)
+
+
+def _save(name: str, report: dict, lines: list[str]) -> None:
+    """bench/results/<name>.json (the report) and .md (the lines), and the lines printed."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
