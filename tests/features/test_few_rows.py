@@ -35,6 +35,12 @@ def _terminal_blob(tiles: dict[int, tuple[int, int]]) -> bytes:
     return h.pack(rows)
 
 
+def _few_rows(customers, customer_rows, terminals, terminal_rows, at):
+    """``online._few_rows`` over ``States``, as ``_features_at`` calls it."""
+    fields = online._fields_of(customers), online._fields_of(terminals)
+    return online._few_rows(fields[0], customer_rows.tolist(), fields[1], terminal_rows.tolist(), at.tolist())
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     customers=st.lists(st.tuples(EVENTS, st.booleans()), min_size=1, max_size=3),
@@ -57,7 +63,7 @@ def test_few_rows_equal_the_numpy_windows(customers, terminals, queries, missing
     t_rows = np.array([t % len(terminal_payloads) for _, t, _ in queries], dtype=np.int64)
     at = np.array([NOW + shift for _, _, shift in queries], dtype=np.int64)
 
-    few = online._few_rows(c_states, c_rows, t_states, t_rows, at)
+    few = _few_rows(c_states, c_rows, t_states, t_rows, at)
     customer, customer_bad = online._evaluate(online._CUSTOMER, c_states, c_rows, at)
     terminal, terminal_bad = online._evaluate(online._TERMINAL, t_states, t_rows, at)
     if few is None:  # only an unsorted stored state sends a batch back to numpy's path
@@ -73,9 +79,9 @@ def test_times_no_writer_produces_take_the_numpy_path() -> None:
     c_states = online.states_of([_customer_blob([(0, 100, 1)], True)], h.CUSTOMER_EVENT_DTYPE)
     t_states = online.states_of([None], h.TERMINAL_TILE_DTYPE)
     rows = np.zeros(1, dtype=np.int64)
-    assert online._few_rows(c_states, rows, t_states, rows, np.array([NOW], dtype=np.int64)) is not None
-    assert online._few_rows(c_states, rows, t_states, rows, np.array([0], dtype=np.int64)) is None
+    assert _few_rows(c_states, rows, t_states, rows, np.array([NOW], dtype=np.int64)) is not None
+    assert _few_rows(c_states, rows, t_states, rows, np.array([0], dtype=np.int64)) is None
     huge = online.states_of(
         [h.pack(np.array([(NOW - 1, 2**62, 1)], dtype=h.CUSTOMER_EVENT_DTYPE))], h.CUSTOMER_EVENT_DTYPE
     )
-    assert online._few_rows(huge, rows, t_states, rows, np.array([NOW], dtype=np.int64)) is None
+    assert _few_rows(huge, rows, t_states, rows, np.array([NOW], dtype=np.int64)) is None

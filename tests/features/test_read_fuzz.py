@@ -7,12 +7,19 @@ from __future__ import annotations
 import importlib
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from workers.features import definitions as d
 from workers.features import history as h
-from workers.features.online import _decode_few, _decode_many, _features_at, decode_bytes_values, states_of
+from workers.features.online import (
+    _decode_few,
+    _decode_many,
+    _features_at,
+    _read_few,
+    decode_bytes_values,
+    states_of,
+)
 from workers.features.redis_script import RawValues
 from workers.records import EVENT_TIME_MAX_US, EVENT_TIME_MIN_US
 
@@ -132,6 +139,51 @@ def test_evaluation_of_arbitrary_state_never_raises_and_fails_only_its_own_rows(
         assert alone.unreadable is None
         assert alone.customer.tobytes() == result.customer[i : i + 1].tobytes()
         assert alone.terminal.tobytes() == result.terminal[i : i + 1].tobytes()
+
+
+@PURE
+@given(
+    st.lists(_event_values, min_size=1, max_size=4),
+    st.lists(_tile_values, min_size=1, max_size=4),
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), _times), min_size=1, max_size=8),
+)
+def test_the_few_rows_read_from_bytes_equals_the_decoded_path(
+    customer_values: list[bytes | None],
+    terminal_values: list[bytes | None],
+    rows: list[tuple[int, int, int]],
+) -> None:
+    """The lean reader's shortcut for a few rows (``_read_few``, no ``States``) gives what
+    decoding and ``_features_at`` give, bit for bit, or declines (None) and leaves it to them."""
+    raw = RawValues.of(customer_values + terminal_values)
+    customer_rows = np.array([c % len(customer_values) for c, _, _ in rows], dtype=np.intp)
+    terminal_rows = np.array([t % len(terminal_values) for _, t, _ in rows], dtype=np.intp)
+    at = np.array([t for _, _, t in rows], dtype=np.int64)
+    few = _read_few(raw, len(customer_values), customer_rows, terminal_rows, at)
+    customers = decode_bytes_values(RawValues.of(customer_values), h.CUSTOMER_EVENT_DTYPE)
+    terminals = decode_bytes_values(RawValues.of(terminal_values), h.TERMINAL_TILE_DTYPE)
+    decoded = _features_at(customers, customer_rows, terminals, terminal_rows, at)
+    event("shortcut taken" if few is not None else "shortcut declined")
+    if few is None:
+        return
+    assert decoded.unreadable is None  # it declines every value the decoded path cannot use
+    assert few.customer.dtype == few.terminal.dtype == np.float32
+    assert few.customer.tobytes() == decoded.customer.tobytes()
+    assert few.terminal.tobytes() == decoded.terminal.tobytes()
+    assert few.customer_found is not None and decoded.customer_found is not None
+    assert few.customer_found.tolist() == decoded.customer_found.tolist()
+    assert few.terminal_found is not None and decoded.terminal_found is not None
+    assert few.terminal_found.tolist() == decoded.terminal_found.tolist()
+
+
+def test_the_few_rows_read_takes_well_formed_state() -> None:
+    """Not only declines: plausible state for one row is read on the shortcut."""
+    events = h.customer_events(np.array([T0 - 5_000_000]), np.array([10.0]), np.array([1]))
+    raw = RawValues.of([_bytes_value(h.pack(events)), None])
+    rows = np.zeros(1, dtype=np.intp)
+    few = _read_few(raw, 1, rows, rows, np.array([T0], dtype=np.int64))
+    assert few is not None and few.customer_found is not None and few.terminal_found is not None
+    assert few.customer_found.tolist() == [True] and few.terminal_found.tolist() == [False]
+    assert few.customer[0, d.CUSTOMER_FEATURES.index("customer_nb_tx_1d")] == 1
 
 
 def test_state_no_window_arithmetic_can_hold_fails_its_rows_and_not_the_batch() -> None:

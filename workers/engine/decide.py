@@ -1,12 +1,19 @@
 """From scores and features to decisions: thresholds, reason codes, rules fallback.
 
-Everything works on whole-batch numpy arrays; the only per-row Python is the final
-comprehension that builds ``Decision`` objects. Reason codes are a bit mask per row
-(one vectorised comparison per code) turned into names through a precomputed table.
+Batches work on whole-batch numpy arrays; the per-row Python is the final comprehension
+that builds ``Decision`` objects. Reason codes are a bit mask per row (one vectorised
+comparison per code) turned into names through a precomputed table.
+
+A few rows (most gRPC batches are 1-4) take plain-Python twins of the outcome and mask
+functions instead: numpy's fixed cost per call (~30 calls of a few us each) was most of a
+one-row decision. They compare in float32 as numpy does (a Python float against a float32
+array is compared as float32: NEP 50), and the tests hold them equal to the numpy path.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,12 +74,22 @@ class Thresholds:
     decline: float
 
     def __post_init__(self) -> None:
+        # Python floats: numpy compares them with float32 scores in float32, as the few-row
+        # path does (a numpy float64 would make numpy compare in float64).
+        object.__setattr__(self, "review", float(self.review))
+        object.__setattr__(self, "decline", float(self.decline))
         if not 0.0 <= self.review <= self.decline <= 1.0:
             raise ValueError(f"thresholds must satisfy 0 <= review <= decline <= 1, got {self}")
 
 
 def outcomes_for(scores: np.ndarray, thresholds: Thresholds) -> np.ndarray:
     """Outcome values (int8: 1 approve, 2 review, 3 decline), vectorised."""
+    if len(scores) <= FEW_ROWS and scores.dtype == np.float32:
+        return np.array(_outcomes_few(scores.tolist(), thresholds), dtype=np.int8)
+    return _outcomes_many(scores, thresholds)
+
+
+def _outcomes_many(scores: np.ndarray, thresholds: Thresholds) -> np.ndarray:
     out = np.full(scores.shape[0], Outcome.APPROVE, dtype=np.int8)
     out[scores >= thresholds.review] = Outcome.REVIEW
     out[scores >= thresholds.decline] = Outcome.DECLINE
@@ -81,6 +98,14 @@ def outcomes_for(scores: np.ndarray, thresholds: Thresholds) -> np.ndarray:
 
 def feature_reason_mask(features: np.ndarray) -> np.ndarray:
     """Bit mask (int64) of the feature-derived reason codes, one per row."""
+    if len(features) <= FEW_ROWS and features.dtype == np.float32:
+        masks = _masks_few(features.tolist())
+        if masks is not None:
+            return np.array(masks, dtype=np.int64)
+    return _mask_many(features)
+
+
+def _mask_many(features: np.ndarray) -> np.ndarray:
     f = features
     amount = f[:, _F["tx_amount"]]
     nb_30d = f[:, _F["customer_nb_tx_30d"]]
@@ -104,6 +129,74 @@ def feature_reason_mask(features: np.ndarray) -> np.ndarray:
     return mask
 
 
+# --- the same, for a few rows, in plain Python (see the module doc) ------------------------
+
+FEW_ROWS = 8
+_PACK_F32 = struct.Struct("<f")
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, as numpy stores a float32 result (overflow: infinity)."""
+    try:
+        return float(_PACK_F32.unpack(_PACK_F32.pack(x))[0])
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _outcomes_few(scores: list[float], thresholds: Thresholds) -> list[int]:
+    review, decline = _f32(thresholds.review), _f32(thresholds.decline)
+    approve, refer, refuse = int(Outcome.APPROVE), int(Outcome.REVIEW), int(Outcome.DECLINE)
+    return [refuse if s >= decline else refer if s >= review else approve for s in scores]
+
+
+_MASK_COLUMNS = tuple(
+    _F[name]
+    for name in (
+        "tx_amount",
+        "customer_nb_tx_30d",
+        "amount_over_customer_avg_30d",
+        "terminal_risk_7d",
+        "terminal_risk_30d",
+        "customer_nb_tx_1d",
+        "customer_nb_tx_10min",
+        "customer_nb_terminals_1h",
+        "tx_during_night",
+    )
+)
+_LARGE, _OVER_AVG, _RISKY = _f32(LARGE_AMOUNT), _f32(AMOUNT_OVER_AVG_RATIO), _f32(RISKY_TERMINAL_RATIO)
+_BURST_FACTOR, _BURST_MIN = _f32(BURST_FACTOR), _f32(BURST_MIN_TX)
+_FAST_TX, _FAST_TERMINALS, _HALF, _DAYS_30 = _f32(VELOCITY_10MIN_TX), _f32(VELOCITY_TERMINALS_1H), _f32(0.5), _f32(30.0)
+
+
+def _masks_few(rows: list[list[float]]) -> list[int] | None:
+    """``feature_reason_mask`` of float32 rows (as Python floats); None when a value it
+    reads is NaN (numpy's maximum propagates NaN, Python's max does not: numpy decides)."""
+    masks = []
+    for row in rows:
+        amount, nb_30d, over_avg, risk_7d, risk_30d, nb_1d, nb_10min, terminals_1h, night = (
+            row[i] for i in _MASK_COLUMNS
+        )
+        if math.isnan(risk_7d) or math.isnan(risk_30d) or math.isnan(nb_30d):
+            return None
+        has_history = nb_30d > 0
+        burst_floor = max(_BURST_MIN, _f32(_BURST_FACTOR * _f32(nb_30d / _DAYS_30)))
+        mask = _BIT["LARGE_AMOUNT"] if amount >= _LARGE else 0
+        if has_history and over_avg >= _OVER_AVG:
+            mask |= _BIT["AMOUNT_FAR_ABOVE_CUSTOMER_AVG"]
+        if max(risk_7d, risk_30d) >= _RISKY:
+            mask |= _BIT["RISKY_TERMINAL"]
+        if nb_1d >= burst_floor:
+            mask |= _BIT["TRANSACTION_BURST"]
+        if nb_10min >= _FAST_TX or terminals_1h >= _FAST_TERMINALS:
+            mask |= _BIT["HIGH_VELOCITY"]
+        if not has_history:
+            mask |= _BIT["NEW_CUSTOMER"]
+        if night > _HALF:
+            mask |= _BIT["NIGHT_TIME"]
+        masks.append(mask)
+    return masks
+
+
 def decide(
     txns: Sequence[Transaction],
     features: np.ndarray,
@@ -115,7 +208,12 @@ def decide(
     """Model decisions for a batch; rows of ``features``/``scores`` follow ``txns``."""
     outcomes = outcomes_for(scores, thresholds)
     mask = feature_reason_mask(features)
-    mask |= (scores >= thresholds.review) * _BIT["HIGH_MODEL_SCORE"]
+    if len(scores) <= FEW_ROWS and scores.dtype == np.float32:  # numpy's ``>=`` and ``|=`` cost more
+        high, review = _BIT["HIGH_MODEL_SCORE"], _f32(thresholds.review)
+        flagged = [m | high if s >= review else m for m, s in zip(mask.tolist(), scores.tolist())]
+        mask = np.array(flagged, dtype=np.int64)
+    else:
+        mask |= (scores >= thresholds.review) * _BIT["HIGH_MODEL_SCORE"]
     decisions = _build(txns, outcomes, scores, mask, model_version, False, DegradedCause.NONE, "", device)
     return Decided(decisions, outcomes)
 

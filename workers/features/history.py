@@ -213,6 +213,15 @@ def _times(packed: bytes) -> Sequence[int]:
 _NATIVE_IS_LITTLE = sys.byteorder == "little" and struct.calcsize("q") == 8
 
 
+def int64_fields(packed: bytes | memoryview) -> list[int]:
+    """Every field of packed records (all little-endian int64) in order, as one flat list:
+    ``[time, cents, terminal, time, ...]`` for customer events. One C call where the machine's
+    int64 is little-endian, where numpy's per-field ``tolist`` costs a few us a field."""
+    if _NATIVE_IS_LITTLE:
+        return memoryview(packed).cast("B").cast("q").tolist()
+    return list(struct.unpack(f"<{len(packed) // 8}q", packed))
+
+
 def _trim_packed(merged: bytes, keep_from: int) -> bytes:
     """``pack(trim_customer(unpack_customer(merged)))`` for time-ordered packed events."""
     size = _RECORD.size

@@ -200,7 +200,10 @@ def _features_at(
 ) -> EntityFeatures:
     """Every window of every row at its own time, from the batch's distinct entities' state."""
     at = np.asarray(event_time_us, dtype=np.int64)
-    few = _few_rows(customers, customer_rows, terminals, terminal_rows, at) if len(at) <= _FEW_ROWS else None
+    few = None
+    if len(at) <= _FEW_ROWS:
+        rows = (customer_rows.tolist(), terminal_rows.tolist(), at.tolist())
+        few = _few_rows(_fields_of(customers), rows[0], _fields_of(terminals), *rows[1:])
     if few is not None:
         customer, terminal = few
         customer_bad = terminal_bad = np.zeros(len(at), dtype=bool)
@@ -223,21 +226,24 @@ _FEW_ROWS = 8
 
 
 def _few_rows(
-    customers: States, customer_rows: np.ndarray, terminals: States, terminal_rows: np.ndarray, at: np.ndarray
+    customers: list[list[int]],
+    customer_rows: list[int],
+    terminals: list[list[int]],
+    terminal_rows: list[int],
+    times: list[int],
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(customer, terminal) features of a few rows, or None when a state or a time is outside
-    what the plain-Python windows reproduce exactly (unsorted events, times no writer produces,
-    sums past float64's exact integers): those rows go through numpy's path, which flags what
-    it cannot evaluate."""
-    times = at.tolist()
+    """(customer, terminal) features of a few rows from each entity's fields (``_fields_of``), or
+    None when a state or a time is outside what the plain-Python windows reproduce exactly
+    (unsorted events, times no writer produces, sums past float64's exact integers): those rows
+    go through numpy's path, which flags what it cannot evaluate."""
     if not all(EVENT_TIME_MIN_US <= t <= EVENT_TIME_MAX_US for t in times):
         return None
     customer_out, terminal_out = [], []
     magnitude = 0  # a bound on every running sum numpy's prefix sums would hold
-    for t, c, k in zip(times, customer_rows.tolist(), terminal_rows.tolist()):
-        events, tiles = customers.of(c), terminals.of(k)
-        event_times, cents, terminal_ids = (events[f].tolist() for f in ("time_us", "amount_cents", "terminal_id"))
-        days, tx, fraud = (tiles[f].tolist() for f in ("day", "tx", "fraud"))
+    for t, c, k in zip(times, customer_rows, terminal_rows):
+        events, tiles = customers[c], terminals[k]
+        event_times, cents, terminal_ids = events[0::3], events[1::3], events[2::3]
+        days, tx, fraud = tiles[0::3], tiles[1::3], tiles[2::3]
         day_times = [day * US_PER_DAY for day in days[:1] + days[-1:]]
         if not (_in_range(event_times) and _in_range(day_times)):
             return None
@@ -252,6 +258,51 @@ def _few_rows(
         np.array(customer_out, dtype=np.float32).reshape(len(times), len(d.CUSTOMER_FEATURES)),
         np.array(terminal_out, dtype=np.float32).reshape(len(times), len(d.TERMINAL_FEATURES)),
     )
+
+
+def _fields_of(states: States) -> list[list[int]]:
+    """Each entity's records as one flat list of their int64 fields (empty when missing)."""
+    flat = states.records.view(_INT64).tolist()
+    ends = (np.cumsum(states.counts) * _FIELDS).tolist()
+    return [flat[start:end] for start, end in zip([0, *ends], ends)]
+
+
+_INT64 = np.dtype("<i8")
+_FIELDS = 3  # both record layouts: three int64 fields
+assert history.CUSTOMER_EVENT_DTYPE.itemsize == history.TERMINAL_TILE_DTYPE.itemsize == _FIELDS * _INT64.itemsize
+
+
+def _read_few(
+    raw: redis_script.RawValues, n_customers: int, customer_rows: np.ndarray, terminal_rows: np.ndarray, at: np.ndarray
+) -> EntityFeatures | None:
+    """The lean reader's result for a few rows straight from the values' bytes (no ``States``),
+    or None when a value is not a whole ``Bytes`` value of records or ``_few_rows`` declines:
+    numpy's path then decides, and flags what it cannot read."""
+    fields: list[list[int]] = []
+    found: list[bool] = []
+    view = memoryview(raw.blob)
+    start = 0
+    for length in raw.lengths.tolist():
+        if not length:
+            fields.append([])
+            found.append(False)
+            continue
+        payload = _payload_of(view[start : start + length])
+        start += length
+        if payload is None or len(payload) % _RECORD_BYTES:
+            return None
+        fields.append(history.int64_fields(payload))
+        found.append(True)
+    c_rows, t_rows = customer_rows.tolist(), terminal_rows.tolist()
+    few = _few_rows(fields[:n_customers], c_rows, fields[n_customers:], t_rows, at.tolist())
+    if few is None:
+        return None
+    customer_found = np.array([found[c] for c in c_rows], dtype=bool)
+    terminal_found = np.array([found[n_customers + k] for k in t_rows], dtype=bool)
+    return EntityFeatures(few[0], few[1], customer_found, terminal_found, None)
+
+
+_RECORD_BYTES = _FIELDS * _INT64.itemsize
 
 
 _EXACT_SUMS = 2**52
@@ -441,6 +492,10 @@ class LeanRedisReader:
         hashes = [customer_key(int(c)) for c in customers] + [terminal_key(int(t)) for t in terminals]
         raw = self._fetch(hashes, len(customers))
         n = len(customers)
+        if len(event_time_us) <= _FEW_ROWS:
+            few = _read_few(raw, n, customer_rows, terminal_rows, np.asarray(event_time_us, dtype=np.int64))
+            if few is not None:
+                return few
         customer_raw = redis_script.RawValues(raw.lengths[:n], raw.blob)
         # The terminals' values follow the customers' in the blob.
         customer_bytes = int(raw.lengths[:n].sum())
