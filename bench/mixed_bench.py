@@ -10,7 +10,10 @@ budget when the Kafka worker on the same host has more work than it can do? Depl
 - ``before``: ``fraudscore grpc`` and ``fraudscore serve`` as separate processes, normal priority
   (two engines, two session pools; the OS scheduler decides who runs);
 - ``one-process``: ``fraudscore serve --grpc``: one engine for both sources, callers first;
-- ``worker-idle``: as ``before`` with ``FRAUDSCORE_KAFKA__CPU_PRIORITY=idle`` (SCHED_IDLE worker).
+- ``worker-idle``: as ``before`` with ``FRAUDSCORE_KAFKA__CPU_PRIORITY=idle`` (SCHED_IDLE worker);
+- ``worker-yields``: as ``before`` with ``kafka.yield_to_callers`` on (the default): the worker
+  slows down while the gRPC processes signal pressure (``workers/engine/caller_pressure.py``).
+  ``before`` and ``worker-idle`` run with it off, so they stay what they were.
 
 Kafka flat out: the transactions topic holds a backlog the worker cannot clear during a point
 (topped up between points, never during one), so the worker always has work. Per point: gRPC at
@@ -147,6 +150,7 @@ class Deployment:
     description: str
     one_process: bool
     worker_priority: str = "normal"
+    worker_yields: bool = False
     with_worker: bool = True
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -172,7 +176,11 @@ def start(deployment: Deployment, settings: Settings, kafka: KafkaSettings, args
     else:
         deployment.processes["grpc"] = _spawn([*python, "grpc"], env)
         if deployment.with_worker:
-            worker_env = {**env, "FRAUDSCORE_KAFKA__CPU_PRIORITY": deployment.worker_priority}
+            worker_env = {
+                **env,
+                "FRAUDSCORE_KAFKA__CPU_PRIORITY": deployment.worker_priority,
+                "FRAUDSCORE_KAFKA__YIELD_TO_CALLERS": str(deployment.worker_yields).lower(),
+            }
             deployment.processes["serve"] = _spawn([*python, "serve"], worker_env)
     try:
         gb.wait_serving(args.port, processes=1 if deployment.one_process else args.grpc_processes)
@@ -376,6 +384,12 @@ DEPLOYMENTS = [
         one_process=False,
         worker_priority="idle",
     ),
+    Deployment(
+        "worker-yields",
+        "fraudscore grpc + fraudscore serve with kafka.yield_to_callers (the worker slows down on the callers' signal)",
+        one_process=False,
+        worker_yields=True,
+    ),
 ]
 BASELINES = [
     Deployment("grpc-alone", "fraudscore grpc, no Kafka worker on the host", one_process=False, with_worker=False),
@@ -490,7 +504,12 @@ def verdicts(rows: list[dict]) -> dict:
     return out
 
 
-BASELINE_OF = {"before": "grpc-alone", "worker-idle": "grpc-alone", "one-process": "one-process-alone"}
+BASELINE_OF = {
+    "before": "grpc-alone",
+    "worker-idle": "grpc-alone",
+    "worker-yields": "grpc-alone",
+    "one-process": "one-process-alone",
+}
 
 
 def what_this_shows(rows: list[dict]) -> list[str]:

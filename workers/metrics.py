@@ -140,6 +140,16 @@ CONSUMER_LAG = Gauge(
     "High watermark minus committed/consumed position, by partition.",
     ["partition"],
 )
+YIELD_LIMIT = Gauge(
+    "fraudscore_kafka_yield_limit_events_per_second",
+    "Kafka events/s the worker lets into its engine while gRPC callers on this host are under "
+    "pressure (workers/engine/caller_pressure.py); 0 when unlimited.",
+)
+CALLER_PRESSURE = Counter(
+    "fraudscore_caller_pressure_total",
+    "Times this gRPC process signalled pressure to Kafka workers on its host (loop late, or a "
+    "request shed or answered at its deadline).",
+)
 
 # --- stream feature job (workers/stream) ----------------------------------------------
 # Event time -> the entity's new state is written in the store; up to a minute, because a

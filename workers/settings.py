@@ -52,6 +52,10 @@ class KafkaSettings(BaseModel):
     # (SCHED_IDLE) runs it only on CPU time nothing else wants, so gRPC processes on the same
     # host always come first; "batch" (SCHED_BATCH) only gives up wake-up preemption.
     cpu_priority: Literal["normal", "batch", "idle"] = "normal"
+    # Slow down while gRPC processes on this host signal pressure (grpc.pressure_file): the
+    # worker's events/s into its engine halve at each signal and grow back when calm
+    # (workers/engine/caller_pressure.py). No gRPC process, no signal: no effect.
+    yield_to_callers: bool = True
     # librdkafka properties every client gets (worker, admin, demo, smoke, tests): the
     # connection's security, e.g. {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN",
     # "sasl.username": ..., "sasl.password": ...}. Given once, they reach every client.
@@ -133,6 +137,10 @@ class GrpcSettings(BaseModel):
     tls_client_ca: Path | None = None  # set to require client certificates (mutual TLS)
     bearer_token: SecretStr | None = None
     rest_port: int = 8080  # 0 disables the REST endpoint
+    # Where gRPC processes tell Kafka workers on the same host that callers are under pressure
+    # (kafka.yield_to_callers). Empty: <temp dir>/fraudscore-callers-<port>.pressure, so the
+    # processes of one deployment (one settings file) meet there.
+    pressure_file: str = ""
     # Long-lived streams: ping an idle connection every keepalive_time_s and drop it when the
     # ack is not back within keepalive_timeout_s, so a vanished caller does not hold a stream
     # (and its in-flight slots) forever; allow client pings down to min_client_ping_interval_s.

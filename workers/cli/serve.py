@@ -6,9 +6,13 @@ import argparse
 import logging
 import os
 import signal
+from typing import TYPE_CHECKING
 
 from workers.cli import command
-from workers.settings import load_settings
+from workers.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from workers.engine.caller_pressure import StreamThrottle
 
 log = logging.getLogger("fraudscore")
 
@@ -45,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_chunk_rows=settings.engine.max_batch_size,
         budget_ms=settings.kafka.decision_budget_ms,
         tracing=tracing,
+        throttle=_throttle(settings),
     )
     probes.add_live("kafka_poll_loop", lambda: worker.loop.check(stall_s))
     probes.add_ready("kafka_assignment", worker.assignment_check)
@@ -67,6 +72,17 @@ def _serve(args: argparse.Namespace) -> int:
         if tracing is not None:
             tracing.shutdown()
     return 0
+
+
+def _throttle(settings: Settings) -> StreamThrottle | None:
+    """The worker's yield to gRPC callers on this host (``kafka.yield_to_callers``)."""
+    if not settings.kafka.yield_to_callers:
+        return None
+    from workers.engine.caller_pressure import PressureFile, StreamThrottle, pressure_path
+
+    path = pressure_path(settings.grpc)
+    log.info("yielding to gRPC callers on this host while they signal pressure in %s", path)
+    return StreamThrottle(PressureFile(path).age_s)
 
 
 def set_cpu_priority(policy: str) -> None:

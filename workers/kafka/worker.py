@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from opentelemetry.trace import SpanKind
@@ -40,6 +41,9 @@ from workers.settings import KafkaSettings
 from workers.tracing import Tracing
 from workers.types import BatchTiming, DoneCallback, Engine, Priority
 
+if TYPE_CHECKING:
+    from workers.engine.caller_pressure import StreamThrottle
+
 log = logging.getLogger(__name__)
 
 _NS_PER_MS = 1_000_000
@@ -52,6 +56,9 @@ _BACKLOG_RETRY_S = 0.0005
 # retry every 0.5 ms took the GIL 2,000 times a second from the engine and, in serve --grpc,
 # from the callers' event loop.
 _BACKLOG_RETRY_MAX_S = 0.008
+# While the throttle holds consumption, the loop still turns this often (delivery reports,
+# commits, the heartbeat; librdkafka serves rebalances on its own threads meanwhile).
+_YIELD_POLL_MAX_S = 0.05
 _PAUSE_AFTER_S = 1.0
 # A broker outage repeats the same consumer error many times a second: one line per kind per interval.
 _WARN_INTERVAL_S = 10.0
@@ -69,8 +76,10 @@ class KafkaWorker:
         max_chunk_rows: int,
         budget_ms: float,
         tracing: Tracing | None = None,
+        throttle: StreamThrottle | None = None,
     ) -> None:
         self._kafka = kafka
+        self._throttle = throttle  # callers on this host first (kafka.yield_to_callers)
         self._engine = engine
         self._max_chunk_rows = max_chunk_rows
         self._budget_ns = int(budget_ms * _NS_PER_MS)
@@ -136,7 +145,16 @@ class KafkaWorker:
             # Engine full: hold off fetching for a moment rather than pausing partitions.
             self._producer.poll(self._retry_s)
             return
-        messages = self._consumer.consume(self._kafka.consume_batch, self._kafka.consume_timeout_s)
+        wanted = self._kafka.consume_batch
+        if self._throttle is not None:  # callers on this host under pressure: take fewer events
+            wait_s, wanted = self._throttle.grant(wanted)
+            if not wanted:
+                self._producer.poll(min(wait_s, _YIELD_POLL_MAX_S))
+                self._commit()
+                return
+        messages = self._consumer.consume(wanted, self._kafka.consume_timeout_s)
+        if self._throttle is not None:
+            self._throttle.took(len(messages))
         if messages:
             self._handle(messages)
         self._producer.poll(0)

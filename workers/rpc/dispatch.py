@@ -29,6 +29,7 @@ from typing import Any, Literal, cast
 from opentelemetry.trace import SpanKind
 
 from workers import metrics
+from workers.engine.caller_pressure import PressureFile
 from workers.engine.decide import fallback
 from workers.records import Decision, DegradedCause, Transaction
 from workers.tracing import Tracing
@@ -52,6 +53,9 @@ SPEED_EWMA_ALPHA = 0.1
 # Below this variance of recent batch sizes (rows^2) a per-row slope is noise.
 MIN_ROWS_SPREAD = 1.0
 LAG_PROBE_INTERVAL_S = 0.005
+# A lag probe this late tells Kafka workers on the host to yield (caller_pressure): well
+# before admission sheds (LAG_BUDGET_SHARE of a 10 ms budget is 2 ms).
+PRESSURE_LAG_NS = 1_000_000
 
 
 class BatchCost:
@@ -116,6 +120,7 @@ class Admission:
         self.in_flight = 0  # submitted to the engine (or about to be), its answer not yet back on the loop
         self.cost = BatchCost()
         self.loop_lag_ns = 0
+        self.strain = 0  # requests shed or answered at their deadline so far (caller_pressure)
 
     def refusal(self, budget_ns: int, joining: int = 0) -> str | None:
         """Why this request must be shed now, or None to admit it. ``joining``: requests in
@@ -242,6 +247,7 @@ class Pending:
         if self.done:
             return
         self.method.deadline_fallbacks.inc()
+        self.admission.strain += 1
         budget_us = self.budget_ns // 1000
         self.degrade(DegradedCause.BUDGET_EXCEEDED, f"no model answer within the {budget_us} us budget")
 
@@ -323,9 +329,14 @@ class Dispatcher:
         loop: asyncio.AbstractEventLoop,
         max_batch_rows: int,
         tracing: Tracing | None = None,
+        pressure: PressureFile | None = None,
     ) -> None:
         self.engine = engine
         self.tracing = tracing
+        # Tells Kafka workers on this host to slow down while callers here struggle.
+        self._pressure = pressure
+        self._strain_seen = 0
+        self._arrived = 0  # requests since the last lag probe
         self.default_budget_ns = int(default_budget_ms * 1e6)
         self._loop = loop
         self._completions = Completions(loop)
@@ -344,8 +355,23 @@ class Dispatcher:
         # nothing; lag that lasts over two probes is a loop that is out of CPU.
         self.admission.loop_lag_ns = min(lag_ns, self._previous_lag_ns)
         self._previous_lag_ns = lag_ns
+        self._signal_pressure(lag_ns)
         self._probe_due = now + LAG_PROBE_INTERVAL_S
         self._loop.call_at(self._probe_due, self._probe_lag)
+
+    def _signal_pressure(self, lag_ns: int) -> None:
+        """Pressure: since the last probe a request was shed or answered at its deadline, or
+        callers were served and this probe found the loop late (``caller_pressure``). A late
+        loop without callers is no one's pressure: a busy worker beside an idle server makes it."""
+        strain, arrived = self.admission.strain, self._arrived
+        self._arrived = 0
+        if self._pressure is None:
+            return
+        if strain == self._strain_seen and not (arrived and lag_ns > PRESSURE_LAG_NS):
+            return
+        self._strain_seen = strain
+        self._pressure.touch()
+        metrics.CALLER_PRESSURE.inc()
 
     def submit(
         self, txn: Transaction, budget_us: int, method: MethodMetrics, sink: Sink, traceparent: str | None = None
@@ -357,6 +383,7 @@ class Dispatcher:
         ``budget_us`` 0 means the configured default. Must be called on the loop.
         """
         arrival_ns = time.monotonic_ns()
+        self._arrived += 1
         budget_ns = budget_us * 1000 if budget_us else self.default_budget_ns
         admission = self.admission
         pending = Pending(txn, arrival_ns, budget_ns, sink, method, admission, self.tracing, traceparent)
@@ -368,6 +395,7 @@ class Dispatcher:
         refusal = admission.refusal(budget_ns, joining=len(self._outbox))
         if refusal is not None:
             method.shed.inc()
+            admission.strain += 1
             pending.degrade(DegradedCause.OVERLOADED, refusal)
             return pending
         admission.in_flight += 1
@@ -395,6 +423,7 @@ class Dispatcher:
                     continue
                 pending.timer.cancel()
                 pending.method.shed.inc()
+                self.admission.strain += 1
                 pending.degrade(DegradedCause.OVERLOADED, "engine queue full")
 
     async def decide(

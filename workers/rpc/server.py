@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from workers.app import build_engine
+from workers.engine.caller_pressure import PressureFile, pressure_path
 from workers.engine.engine import ScoringEngine
 from workers.errors import ConfigError
 from workers.health import CheckResult, Heartbeat, Probes, add_engine_checks, tick_forever
@@ -127,7 +128,10 @@ async def start_service(
     ``tracing``: the process's tracer (its owner shuts it down), None when tracing is off."""
     grpc_settings = settings.grpc
     loop = asyncio.get_running_loop()
-    dispatcher = Dispatcher(engine, settings.engine.default_budget_ms, loop, settings.engine.max_batch_size, tracing)
+    pressure = PressureFile(pressure_path(grpc_settings))
+    dispatcher = Dispatcher(
+        engine, settings.engine.default_budget_ms, loop, settings.engine.max_batch_size, tracing, pressure
+    )
     token = grpc_settings.bearer_token
     interceptors = [BearerTokenInterceptor(token.get_secret_value())] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=server_options(grpc_settings))
