@@ -42,7 +42,6 @@ def _serve(args: argparse.Namespace) -> int:
     stall_s = settings.metrics.loop_stall_s
     engine = build_engine(settings)
     tracing = from_settings(settings.tracing, "fraudscore-worker")
-    add_engine_checks(probes, engine, stall_s)
     worker = KafkaWorker(
         settings.kafka,
         engine,
@@ -51,8 +50,11 @@ def _serve(args: argparse.Namespace) -> int:
         tracing=tracing,
         throttle=_throttle(settings),
     )
-    probes.add_live("kafka_poll_loop", lambda: worker.loop.check(stall_s))
+    # The assignment's check first: with only the engine's registered, /readyz said ready
+    # before the worker had a partition (and before serve --grpc listened).
     probes.add_ready("kafka_assignment", worker.assignment_check)
+    add_engine_checks(probes, engine, stall_s)
+    probes.add_live("kafka_poll_loop", lambda: worker.loop.check(stall_s))
     service = None
     if args.grpc:
         from workers.rpc.server import ServiceThread
