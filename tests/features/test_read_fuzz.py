@@ -109,6 +109,13 @@ def test_the_small_batch_decoder_equals_the_vectorised_one(values: list[bytes | 
     assert few.found.tolist() == many.found.tolist() and few.unreadable.tolist() == many.unreadable.tolist()
 
 
+def _queries(rows: list[tuple[int, int, int]], customers: int, terminals: int) -> tuple[np.ndarray, ...]:
+    """(customer positions, terminal positions, times) of (customer, terminal, time) queries."""
+    customer_rows = np.array([c % customers for c, _, _ in rows], dtype=np.intp)
+    terminal_rows = np.array([t % terminals for _, t, _ in rows], dtype=np.intp)
+    return customer_rows, terminal_rows, np.array([t for _, _, t in rows], dtype=np.int64)
+
+
 @PURE
 @given(
     st.lists(_event_values, min_size=1, max_size=6),
@@ -122,9 +129,7 @@ def test_evaluation_of_arbitrary_state_never_raises_and_fails_only_its_own_rows(
 ) -> None:
     customers = decode_bytes_values(RawValues.of(customer_values), h.CUSTOMER_EVENT_DTYPE)
     terminals = decode_bytes_values(RawValues.of(terminal_values), h.TERMINAL_TILE_DTYPE)
-    customer_rows = np.array([c % len(customer_values) for c, _, _ in rows], dtype=np.intp)
-    terminal_rows = np.array([t % len(terminal_values) for _, t, _ in rows], dtype=np.intp)
-    at = np.array([t for _, _, t in rows], dtype=np.int64)
+    customer_rows, terminal_rows, at = _queries(rows, len(customer_values), len(terminal_values))
     result = _features_at(customers, customer_rows, terminals, terminal_rows, at)
     n = len(rows)
     assert result.customer.shape == (n, len(d.CUSTOMER_FEATURES)) and result.customer.dtype == np.float32
@@ -155,9 +160,7 @@ def test_the_few_rows_read_from_bytes_equals_the_decoded_path(
     """The lean reader's shortcut for a few rows (``_read_few``, no ``States``) gives what
     decoding and ``_features_at`` give, bit for bit, or declines (None) and leaves it to them."""
     raw = RawValues.of(customer_values + terminal_values)
-    customer_rows = np.array([c % len(customer_values) for c, _, _ in rows], dtype=np.intp)
-    terminal_rows = np.array([t % len(terminal_values) for _, t, _ in rows], dtype=np.intp)
-    at = np.array([t for _, _, t in rows], dtype=np.int64)
+    customer_rows, terminal_rows, at = _queries(rows, len(customer_values), len(terminal_values))
     few = _read_few(raw, len(customer_values), customer_rows, terminal_rows, at)
     customers = decode_bytes_values(RawValues.of(customer_values), h.CUSTOMER_EVENT_DTYPE)
     terminals = decode_bytes_values(RawValues.of(terminal_values), h.TERMINAL_TILE_DTYPE)
