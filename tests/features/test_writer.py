@@ -85,3 +85,28 @@ def test_a_write_after_redis_lost_its_scripts_loads_the_script_and_writes(tmp_pa
     assert writer.read_blobs(d.TERMINAL_VIEW, [3]) == {3: b"B" * 24}
     assert writer.read_blobs(d.CUSTOMER_VIEW, [1]) == {1: _blob(1, 4)}
     writer.close()
+
+
+def test_read_states_finds_entities_across_calls_and_backfill_only_skips_the_writers_own_rows(
+    tmp_path, redis_server
+) -> None:
+    settings = store_settings(tmp_path, redis_server)
+    writer = FeatureWriter(settings)
+    ids = list(range(0, 1_200, 2))  # 600 entities: three script calls of at most 256
+    assert writer.write({i: (_blob(i, 2), 5_000_000 + i) for i in ids}, {}).written == len(ids)
+    # A row Feast's materialization wrote has its Timestamp field but not the writer's us field.
+    client = redis.Redis.from_url(settings.redis.url)
+    backfilled = ids[255:258] + ids[-1:]  # either side of a call boundary, and the last
+    for i in backfilled:
+        client.hdel(writer.key(d.CUSTOMER_VIEW, i), f"_us:{d.CUSTOMER_VIEW}")
+    asked = [*range(1_200), 5_000]  # every other one absent
+    states = writer.read_states(d.CUSTOMER_VIEW, asked)
+    assert states == {i: (_blob(i, 2), 5_000_000 + i) for i in ids}
+    assert writer.read_states(d.CUSTOMER_VIEW, asked, backfill_only=True) == {
+        i: (_blob(i, 2), 5_000_000 + i) for i in backfilled
+    }
+    client.script_flush()  # the read loads its script again too
+    assert writer.read_states(d.CUSTOMER_VIEW, backfilled[:1]) == {
+        backfilled[0]: (_blob(backfilled[0], 2), 5_000_000 + backfilled[0])
+    }
+    writer.close()

@@ -4,6 +4,7 @@ labels dropped, and an incremental run equal to history's computation over all e
 from __future__ import annotations
 
 import random
+from collections import Counter, defaultdict
 
 import numpy as np
 from hypothesis import given, settings
@@ -116,6 +117,61 @@ def test_old_days_and_their_fraud_sets_are_trimmed() -> None:
     current, _ = state.apply_terminal(current, [_tx(3, history.TERMINAL_RETENTION_DAYS, 1)])
     assert _tiles(current) == [(history.TERMINAL_RETENTION_DAYS, 1, 0)]
     assert current.fraud == {}
+
+
+def _terminal_truth(events: list[state.TerminalEvent]) -> list[tuple[int, int, int]]:
+    """Tiles from the events one by one, the obvious way: each (source, offset) once, fraud as
+    the size of each day's final set of fraud-labelled ids (nothing late, nothing trimmed)."""
+    seen, tx, fraud = set(), Counter(), defaultdict(set)
+    for e in events:
+        if (e.source, e.offset) in seen:
+            continue
+        seen.add((e.source, e.offset))
+        day = e.time_us // US_PER_DAY - BASE_US // US_PER_DAY
+        if not e.transaction_id:
+            tx[day] += 1
+        elif e.is_fraud:
+            fraud[day].add(e.transaction_id)
+        else:
+            fraud[day].discard(e.transaction_id)
+    return [(day, tx[day], len(fraud[day])) for day in sorted(tx.keys() | {d for d, ids in fraud.items() if ids})]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 20), st.sampled_from(["", "a", "b", "c"]), st.booleans()), min_size=1, max_size=60
+    ),
+    st.lists(st.integers(1, 9), min_size=1, max_size=6),
+    st.integers(0, 2**16),
+)
+def test_terminal_state_in_any_batches_with_replays_equals_the_events_one_by_one(
+    specs: list[tuple[int, str, bool]], cuts: list[int], seed: int
+) -> None:
+    # Transactions and labels on days within the retention, in any order, from two sources;
+    # then the stream is cut into batches, and some batches are delivered twice (replays).
+    offsets = {0: 0, state.label_source(0): 0}
+    events = []
+    for day, tx_id, is_fraud in specs:
+        source = state.label_source(0) if tx_id else 0
+        t = BASE_US + day * US_PER_DAY + offsets[source]
+        events.append(state.TerminalEvent(3, t, source, offsets[source], tx_id, is_fraud, t if tx_id else 0))
+        offsets[source] += 1
+    rng = random.Random(seed)
+    current, position, total = state.TerminalState(), 0, state.Applied()
+    while position < len(events):
+        batch = events[position : position + cuts[position % len(cuts)]]
+        position += len(batch)
+        for _ in range(1 + (rng.random() < 0.3)):
+            current, applied = state.apply_terminal(current, batch)
+            total.add(applied)
+    assert _tiles(current) == _terminal_truth(events)
+    assert total.applied == len(events) and total.late_labels == 0
+    assert total.labels == sum(1 for e in events if e.transaction_id)
+    fraud_days = {day: sorted(ids) for day, ids in current.fraud.items() if ids}
+    assert {day - BASE_US // US_PER_DAY: n for day, ids in fraud_days.items() for n in [len(ids)]} == {
+        day: n for day, _, n in _terminal_truth(events) if n
+    }
 
 
 def test_the_partition_rule_is_the_entity_id_modulo_the_partitions() -> None:

@@ -158,6 +158,7 @@ def _tile_position(tiles: np.ndarray, day: int) -> int:
 
 _RECORD = struct.Struct("<qqq")  # one CUSTOMER_EVENT_DTYPE or TERMINAL_TILE_DTYPE row, packed
 _TIME = struct.Struct("<q")  # a row's first field: an event's time, a tile's day
+TILE_DAY_BYTES = _TIME.size  # a packed terminal's first bytes: its first tile's day
 assert _RECORD.size == CUSTOMER_EVENT_DTYPE.itemsize == TERMINAL_TILE_DTYPE.itemsize
 
 
@@ -168,6 +169,9 @@ def merge_customer_packed(blob: bytes, new_events: list[tuple[int, int, int]]) -
     if not new_events or len(blob) % size:
         new = np.array(new_events, dtype=CUSTOMER_EVENT_DTYPE)
         return pack(merge_customer(unpack_customer(blob), new))  # nothing to add, or corrupt: numpy's say
+    if len(new_events) == 1 and (not blob or new_events[0][0] >= _TIME.unpack_from(blob, len(blob) - size)[0]):
+        # The commonest case by far (one event of a card per slice, the newest): appended.
+        return _trim_packed(blob + _RECORD.pack(*new_events[0]), new_events[0][0] - CUSTOMER_RETENTION_US)
     merged = _append_in_order(blob, new_events)
     if merged is None:
         merged = _insert_in_order(blob, new_events)

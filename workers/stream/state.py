@@ -135,9 +135,9 @@ def seeded_terminal(stored: tuple[bytes, int] | None) -> TerminalState:
     return TerminalState(blob, {}, {}, time_us)
 
 
-@dataclass
+@dataclass(slots=True)
 class Applied:
-    """What one batch did to one entity."""
+    """What one batch did to one entity (or, summed, to a message's entities)."""
 
     applied: int = 0
     replays: int = 0
@@ -146,27 +146,32 @@ class Applied:
     label_replays: int = 0
     changed: bool = False
 
+    def add(self, other: Applied) -> None:
+        self.applied += other.applied
+        self.replays += other.replays
+        self.late_labels += other.late_labels
+        self.labels += other.labels
+        self.label_replays += other.label_replays
 
-def _is_new(marks: dict[int, int], source: int, offset: int) -> bool:
-    if offset <= marks.get(source, -1):
-        return False
-    marks[source] = offset
-    return True
+
+# Both transitions run once per entity per repartition message, twice per event in a replay:
+# each is one pass over the events (marks, replays and what to add at once), without helper
+# frames per event.
 
 
 def apply_customer(state: CustomerState, events: list[CustomerEvent]) -> tuple[CustomerState, Applied]:
     """The customer's state after ``events`` (one customer's, in arrival order)."""
-    result = Applied()
     marks = dict(state.marks)
-    fresh = [e for e in events if _is_new(marks, e.source, e.offset)]
-    result.replays = len(events) - len(fresh)
-    result.applied = len(fresh)
+    fresh = []
+    for e in events:
+        if e.offset > marks.get(e.source, -1):
+            marks[e.source] = e.offset
+            fresh.append((e.time_us, e.amount_cents, e.terminal_id))
     if not fresh:
-        return state, result
-    merged = history.merge_customer_packed(state.events, [(e.time_us, e.amount_cents, e.terminal_id) for e in fresh])
-    latest = max(state.latest_us, max(e.time_us for e in fresh))
-    result.changed = True
-    return CustomerState(merged, marks, latest), result
+        return state, Applied(replays=len(events))
+    merged = history.merge_customer_packed(state.events, fresh)
+    latest = max(state.latest_us, max(fresh)[0])  # tuples compare by time first
+    return CustomerState(merged, marks, latest), Applied(len(fresh), len(events) - len(fresh), changed=True)
 
 
 def apply_terminal(state: TerminalState, events: list[TerminalEvent]) -> tuple[TerminalState, Applied]:
@@ -178,31 +183,41 @@ def apply_terminal(state: TerminalState, events: list[TerminalEvent]) -> tuple[T
     """
     result = Applied()
     marks = dict(state.marks)
-    fresh = [e for e in events if _is_new(marks, e.source, e.offset)]
-    result.replays = len(events) - len(fresh)
-    labels = [e for e in fresh if e.transaction_id]
-    result.label_replays = sum(1 for e in events if e.transaction_id) - len(labels)
-    if not fresh:
-        return state, result
-    tx_days: dict[int, int] = defaultdict(int)
+    tx_days: dict[int, int] = {}
+    labels: list[TerminalEvent] = []
     latest_us = state.latest_us
-    for e in fresh:
-        if not e.transaction_id:
-            tx_days[e.time_us // US_PER_DAY] += 1
-            latest_us = max(latest_us, e.time_us)
+    for e in events:
+        if e.offset <= marks.get(e.source, -1):
+            result.replays += 1
+            result.label_replays += bool(e.transaction_id)
+            continue
+        marks[e.source] = e.offset
+        if e.transaction_id:
+            labels.append(e)
+        else:
+            day = e.time_us // US_PER_DAY
+            tx_days[day] = tx_days.get(day, 0) + 1
+            if e.time_us > latest_us:
+                latest_us = e.time_us
+    if not (tx_days or labels):
+        return state, result
     tiles = state.tiles
-    first_day = history.tile_day(tiles, 0)
+    first_tile = tiles[: history.TILE_DAY_BYTES]  # its day: compared below without unpacking
     fraud = state.fraud
     fraud_delta: dict[int, int] = {}
     if labels:
         latest_us = max(latest_us, max(e.label_time_us for e in labels))
         fraud, fraud_delta = _apply_labels(state, labels, tx_days, result)
-    for day in sorted(tx_days.keys() | fraud_delta.keys()):
-        tiles = history.merge_terminal_packed(tiles, day, tx_days.get(day, 0), fraud_delta.get(day, 0))
-    if labels or history.tile_day(tiles, 0) != first_day:
+    if len(tx_days) == 1 and not fraud_delta:  # the live case: one day's transactions
+        ((day, count),) = tx_days.items()
+        tiles = history.merge_terminal_packed(tiles, day, count, 0)
+    else:
+        for day in sorted(tx_days.keys() | fraud_delta.keys()):
+            tiles = history.merge_terminal_packed(tiles, day, tx_days.get(day, 0), fraud_delta.get(day, 0))
+    if labels or tiles[: history.TILE_DAY_BYTES] != first_tile:
         first_day = history.tile_day(tiles, 0)
         fraud = {day: ids for day, ids in fraud.items() if ids and (first_day is None or day >= first_day)}
-    result.applied = len(fresh) - result.late_labels
+    result.applied = sum(tx_days.values()) + len(labels) - result.late_labels
     result.changed = True
     return TerminalState(tiles, fraud, marks, latest_us), result
 
