@@ -2,10 +2,14 @@
 
     python bench/stream_bench.py --replay 30000 --rates 1000,5000 --seconds 10
 
-One job process (``fraudscore features stream``, memory store) on isolated topics and a Feast
-project of its own:
-1. replay: ``--replay`` events are in the topic before the job starts; the time from the job's
-   first applied event to the last (its /metrics counter), and the job's CPU seconds over that;
+One job process (``fraudscore features stream``, memory store unless ``--store rocksdb``) on
+isolated topics and a Feast project of its own:
+1. replay: ``--replay`` events produced as one backlog; the time from the job's first applied
+   event to the last (its /metrics counter), and the job's CPU seconds over that. By default
+   (``--backlog running``) the backlog is produced once the job is ready, so both stages work
+   on it in the measured window, as in a long catch-up. ``--backlog before-start`` puts it in
+   the topic before the job starts (the figures before 2026-12-07): stage 1 then routes it
+   all while faust is still starting, and the figure is stage 2's alone;
 2. freshness: events stamped with the current time are produced at each rate for ``--seconds``;
    the job's ``fraudscore_feature_freshness_seconds`` histogram (event time -> written in
    Redis) over that phase gives p50/p99 (bucket upper bounds, so at most one bucket high);
@@ -35,10 +39,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.stream import harness as h
 from workers import codec
+from workers.health import is_ready
 from workers.kafka.admin import default_topics, delete_topics, ensure_topics, isolated
 from workers.kafka.config import connection_config
 from workers.records import US_PER_SECOND, Transaction
 from workers.settings import REPO_ROOT, load_settings
+from workers.stream.topology import job_topics
 
 RESULTS = REPO_ROOT / "bench" / "results"
 
@@ -56,10 +62,12 @@ def applied(metrics: dict) -> float:
     return metrics.get(("fraudscore_stream_events_total", (("kind", "transaction"), ("result", "applied"))), 0.0)
 
 
-def start_profile(pid: int, path: Path) -> subprocess.Popen:
-    """py-spy (this venv's) on the job, its threads apart, until SIGINT: raw collapsed stacks."""
+def start_profile(pid: int, path: Path, mode: str) -> subprocess.Popen:
+    """py-spy (this venv's) on the job, its threads apart, until SIGINT: raw collapsed stacks.
+    ``gil``: only samples holding the GIL (what bounds the process); ``idle``: waits too."""
     py_spy = Path(sys.executable).with_name("py-spy")
-    command = [str(py_spy), "record", "-p", str(pid), "-r", "100", "-f", "raw", "--threads", "-o", str(path)]
+    command = [str(py_spy), "record", "-p", str(pid), "-r", "250", "-f", "raw", "--threads", "-o", str(path)]
+    command += {"cpu": [], "gil": ["--gil"], "idle": ["--idle"]}[mode]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -80,14 +88,17 @@ def events(n: int, customers: int, terminals: int, rng: random.Random, now: bool
 
 
 def produce(producer: Producer, topic: str, txns: list[Transaction]) -> None:
-    for t in txns:
+    """Encoded first, then produced: the backlog then arrives in a burst, as fast as the client sends."""
+    messages = [(t.transaction_id.encode(), codec.encode_transaction_json(t)) for t in txns]
+    for key, value in messages:
         while True:
             try:
-                producer.produce(topic, key=t.transaction_id.encode(), value=codec.encode_transaction_json(t))
+                producer.produce(topic, key=key, value=value)
                 break
             except BufferError:
                 producer.poll(0.05)
         producer.poll(0)
+    assert producer.flush(60) == 0
 
 
 def _live_producer(kafka_json: str, rate: float, n: int, customers: int, terminals: int, out) -> None:
@@ -152,6 +163,17 @@ def wait_applied(port: int, target: float, timeout_s: float) -> tuple[float | No
     return first, None
 
 
+def wait_ready(port: int, timeout_s: float) -> None:
+    """Until both stages hold their partitions (``/readyz``), and a little longer: faust's agent
+    starts reading its partitions just after the assignment."""
+    deadline = time.monotonic() + timeout_s
+    while not is_ready(port):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the job was not ready within {timeout_s} s")
+        time.sleep(0.2)
+    time.sleep(2)
+
+
 def settle(port: int, timeout_s: float = 120) -> None:
     """Until the job has nothing pending for the store and has consumed everything (its lag
     gauges, refreshed every 5 s, at 0): the next phase then measures only its own events."""
@@ -192,6 +214,9 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--slice-ms", type=float, default=20.0)
     parser.add_argument("--profile", type=Path, help="py-spy the job over the replay, raw stacks to this file")
+    parser.add_argument("--profile-mode", choices=("cpu", "gil", "idle"), default="cpu")
+    parser.add_argument("--backlog", choices=("running", "before-start"), default="running")
+    parser.add_argument("--store", choices=("memory", "rocksdb"), default="memory", help="the job's table store")
     args = parser.parse_args()
 
     base = load_settings()
@@ -200,19 +225,25 @@ def main() -> int:
     ensure_topics(kafka, topics)
     tmp = Path(tempfile.mkdtemp(prefix="stream-bench-"))
     job = h.job_settings(base, kafka, tmp, partitions=args.partitions)
-    job = job.model_copy(update={"stream": job.stream.model_copy(update={"slice_ms": args.slice_ms})})
+    job = job.model_copy(
+        update={"stream": job.stream.model_copy(update={"slice_ms": args.slice_ms, "store": args.store})}
+    )
     rng = random.Random(0)
     producer = Producer({**connection_config(kafka, "bench"), "linger.ms": 5, "acks": "all"})
     start_us = int(time.time() * US_PER_SECOND) - args.replay * 1_000_000
-    produce(
-        producer, kafka.transactions_topic, events(args.replay, args.customers, args.terminals, rng, False, start_us)
-    )
-    assert producer.flush(60) == 0
+    backlog = events(args.replay, args.customers, args.terminals, rng, False, start_us)
+    if args.backlog == "before-start":
+        produce(producer, kafka.transactions_topic, backlog)
 
     env = h.job_env(job, "bench")
     port = int(env["FRAUDSCORE_METRICS__STREAM_PORT"])
     worker = h.start_job(env, tmp / "job.log")
+    if args.backlog == "running":
+        wait_ready(port, 120)
+        produce(producer, kafka.transactions_topic, backlog)
     result: dict = {
+        "backlog": args.backlog,
+        "store": args.store,
         "replay_events": args.replay,
         "customers": args.customers,
         "terminals": args.terminals,
@@ -230,7 +261,7 @@ def main() -> int:
                 if applied(scrape(port)) > 0:
                     cpu_before = cpu_seconds(worker.process.pid)
                     first = time.monotonic()
-                    spy = start_profile(worker.process.pid, args.profile) if args.profile else None
+                    spy = start_profile(worker.process.pid, args.profile, args.profile_mode) if args.profile else None
             except OSError:
                 pass
             time.sleep(0.05)
@@ -265,7 +296,9 @@ def main() -> int:
             }
     finally:
         worker.stop()
-        delete_topics(kafka, list(topics))
+        # The job's own topics too: a broker that keeps every run's changelogs starts slower
+        # and compacts them in the background, disturbing the next run.
+        delete_topics(kafka, [*topics, *job_topics(job), f"{job.stream.app_id}-__assignor-__leader"])
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     RESULTS.mkdir(parents=True, exist_ok=True)
     result["load_average"] = os.getloadavg()
