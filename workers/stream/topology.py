@@ -48,7 +48,7 @@ import numpy as np
 from workers import metrics
 from workers.features import definitions as d
 from workers.settings import Settings
-from workers.stream import state
+from workers.stream import state, tables
 from workers.stream.sink import StoreSink
 from workers.stream.split import SourceSplitter, by_entity_topic
 
@@ -132,16 +132,24 @@ def _raw_table(app: faust.App, name: str, partitions: int):
 
 
 class Changelog:
-    """Table changelog writes through librdkafka instead of faust's producer path.
+    """Table changelog writes through librdkafka instead of faust's producer path, each key's
+    latest value once per commit.
 
     faust sends each table write as one message through a Python queue, a task and aiokafka:
     ~300 us of CPU a message on the bench box, two messages per event here (customer and
     terminal), which capped the job at ~700 events/s (bench/results/stream-*). librdkafka
     takes a few microseconds a message. The value goes into the table's store directly
-    (``table.data``) and the changelog record to the same partition faust would use (the
-    message being processed). faust commits source offsets only after ``app.producer.flush()``;
-    that flush is wrapped to flush this producer too, so a committed offset never runs ahead
-    of its changelog records (at-least-once, as faust's own path)."""
+    (``tables``) and the changelog record to the same partition faust would use (the message
+    being processed).
+
+    Records wait here until faust's pre-commit flush, keeping each key's latest value only, as
+    Kafka Streams' record caches do: a compacted changelog keeps only the latest value per key
+    anyway, and a busy entity then costs one record per commit instead of one per message.
+    faust computes the offsets to commit from the messages already processed, then awaits
+    ``app.producer.flush()``, then commits. That flush is wrapped to produce every waiting
+    record and wait for the broker's acks, so a committed offset never runs ahead of its
+    changelog records (at-least-once, as faust's own path). A crash loses only records of
+    uncommitted messages, which are read and applied again."""
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
         from workers.kafka.config import connection_config
@@ -156,12 +164,12 @@ class Changelog:
                 "queue.buffering.max.messages": 1_000_000,
             }
         )
-        self._produce = super(RetryingProducer, self._producer).produce  # (topic, value, key, partition)
         self._app = app
         self._wrapped = False
+        self._waiting: dict[tuple[str, int], dict[bytes, bytes]] = {}  # (topic, partition) -> key -> value
 
     def wrap_flush(self) -> None:
-        """Makes faust's pre-commit flush wait for this producer too (once, after start)."""
+        """Makes faust's pre-commit flush send and wait for this producer's records too (once, after start)."""
         if self._wrapped:
             return
         producer = self._app.producer
@@ -169,36 +177,39 @@ class Changelog:
 
         async def flush() -> None:
             await faust_flush()
+            self._produce_waiting()
             await asyncio.to_thread(self._flush_all)
 
         producer.flush = flush  # type: ignore[method-assign]
         self._wrapped = True
 
+    def records(self, topic: str, partition: int) -> dict[bytes, bytes]:
+        """Where one message's writes to one changelog partition go: key -> latest value."""
+        return self._waiting.setdefault((topic, partition), {})
+
+    def _produce_waiting(self) -> None:
+        """Hands every waiting record to librdkafka (on the loop: no write interleaves). Its own
+        ``produce`` is called straight, and the retrying one (which waits for room) only when
+        the local queue is full."""
+        waiting, self._waiting = self._waiting, {}
+        produce = super(type(self._producer), self._producer).produce  # (topic, value, key, partition)
+        for (topic, partition), records in waiting.items():
+            for key, value in records.items():
+                try:
+                    produce(topic, value, key, partition)
+                except BufferError:
+                    self._producer.produce(topic, key=key, value=value, partition=partition)
+
     def _flush_all(self) -> None:
         while self._producer.flush(5) > 0:
             log.warning("changelog records still unacknowledged after 5 s; waiting")
-
-    def putter(self, data, topic: str, partition: int) -> Callable[[bytes, bytes], None]:
-        """``put(key, value)`` for one message's writes to one table: ``data`` is the table's
-        store (``table.data``). librdkafka's own ``produce`` is called straight, and the
-        retrying one (which waits for room) only when the local queue is full: the wrapper's
-        frame cost as much as the produce, on a path taken twice per event in a replay."""
-        produce, retrying = self._produce, self._producer.produce
-
-        def put(key: bytes, value: bytes) -> None:
-            data[key] = value
-            try:
-                produce(topic, value, key, partition)
-            except BufferError:
-                retrying(topic, key=key, value=value, partition=partition)
-
-        return put
 
     def poll(self) -> None:
         """Serves delivery reports; once per batch, not per record (a call costs as much as a produce)."""
         self._producer.poll(0)
 
     def close(self) -> None:
+        self._produce_waiting()
         self._flush_all()
 
 
@@ -290,25 +301,27 @@ class FeatureJob:
     async def _apply(self, side: _Side, events: list, partition: int, tally: Counter) -> tuple[Rows, np.ndarray]:
         """Applies one partition's events of one entity kind: (rows for the store, the event
         times they make visible). Once per entity, twice per event in a replay: the loop keeps
-        its lookups local and sums the counts once per message."""
+        its lookups local, reads the message's states at once and writes them at once
+        (``tables``), and sums the counts once per message."""
         rows: Rows = {}
         if not events:
             return rows, _NO_TIMES
         batch = state.group_by_entity(events, side.id_field)
-        data = side.table.data
-        held = _held(data, batch)
-        seeds = await self._seeds(side.view, held)
+        table = tables.for_message(side.table, partition)
+        keys = [b"%d" % entity_id for entity_id in batch]
+        befores = table.get_many(keys)
+        seeds = await self._seeds(side.view, [entity_id for entity_id, before in zip(batch, befores) if before is None])
         decode, seeded, apply, stored, event_times = side.decode, side.seeded, side.apply, side.stored, side.event_times
-        put = self.changelog.putter(data, side.changelog, partition)
+        changelog = self.changelog.records(side.changelog, partition)
+        put = table.put
         times: list[int] = []
         total = state.Applied()
         grown = new_entities = 0
-        for entity_id, mine in batch.items():
-            key, before = held[entity_id]
+        for (entity_id, mine), key, before in zip(batch.items(), keys, befores):
             new, applied = apply(decode(before) if before else seeded(seeds.get(entity_id)), mine)
             total.add(applied)
             if applied.changed:
-                blob = state.encode_state(new)
+                blob = changelog[key] = state.encode_state(new)
                 put(key, blob)
                 if before:
                     grown += len(blob) - len(before)
@@ -320,12 +333,13 @@ class FeatureJob:
             # write but before its store write left the store behind the state.
             if applied.changed or applied.replays:
                 rows[entity_id] = (stored(new), new.latest_us)
+        table.write()
         side.count(total, tally)
         self._state_bytes[side.kind] += grown
         self._state_entities[side.kind] += new_entities
         return rows, np.array(times, dtype=np.int64)
 
-    async def _seeds(self, view: str, held: dict[int, tuple[bytes, bytes | None]]) -> dict[int, tuple[bytes, int]]:
+    async def _seeds(self, view: str, unseen: list[int]) -> dict[int, tuple[bytes, int]]:
         """What a backfill left in the store for the batch's entities this job has never seen:
         their state starts from it, or the job's first write would replace a backfilled history
         with only the new events. Only rows the backfill wrote count (``read_states(...,
@@ -333,7 +347,6 @@ class FeatureJob:
         could count a replayed event twice. One round trip, on the loop (a thread hop per batch
         cost more than the read); retried while Redis is down, since going on without it would
         lose that history."""
-        unseen = [entity_id for entity_id, (_, before) in held.items() if before is None]
         delay = self.settings.stream.retry_initial_s
         while unseen:
             try:
@@ -422,15 +435,6 @@ class FeatureJob:
             highwater = consumer.highwater(tp)
             if position is not None and highwater is not None:
                 metrics.STREAM_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
-
-
-def _held(data, batch: dict[int, list]) -> dict[int, tuple[bytes, bytes | None]]:
-    """Per entity of the batch: its table key and the state the table holds (None: unseen)."""
-    held = {}
-    for entity_id in batch:
-        key = str(entity_id).encode()
-        held[entity_id] = (key, data.get(key))
-    return held
 
 
 def _count_customer(applied: state.Applied, tally: Counter) -> None:
