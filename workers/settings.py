@@ -220,6 +220,16 @@ class StreamSettings(BaseModel):
     # The slice bounds freshness (event -> store); the batch amortises faust's per-message cost.
     slice_ms: float = 20.0
     batch_max: int = 4000
+    # The store writer waits this long after a state arrives before it writes, so that the
+    # other partitions' messages of one slice join the write; states arriving during a write
+    # go in the next one, so under load the writes run back to back.
+    write_gather_ms: float = 2.0
+    # How long the broker may hold stage 2's fetch of the repartition topic when it has no new
+    # data. faust fixes aiokafka's at 1,500 ms, and aiokafka keeps one fetch in flight per
+    # broker for the partitions with nothing buffered, so a partition drained meanwhile waited
+    # for it: repartition messages reached stage 2 1.6-3.3 s after stage 1 sent them at 5,000
+    # events/s (bench/results/stream-*). librdkafka's fetch.wait.max.ms is 10 in this project too.
+    fetch_wait_ms: int = 10
     # faust's default linger of 0 sent one produce request per message (~100 events/s measured).
     producer_linger_ms: float = 10.0
     commit_interval_s: float = 1.0

@@ -1,4 +1,4 @@
-"""The store sink: latest state per entity, one write per slice, failed writes retried with
+"""The store sink: latest state per entity, writes gathered while one is in flight, failed writes retried with
 nothing lost (the writer here is a recording one that refuses on demand; the real Redis outage
 is tests/stream/test_stream_job.py)."""
 
@@ -27,7 +27,7 @@ class RecordingWriter:
 def _settings() -> Settings:
     settings = Settings()
     return settings.model_copy(
-        update={"stream": settings.stream.model_copy(update={"slice_ms": 5.0, "retry_initial_s": 0.01})}
+        update={"stream": settings.stream.model_copy(update={"write_gather_ms": 5.0, "retry_initial_s": 0.01})}
     )
 
 

@@ -1,9 +1,14 @@
-"""The stream job's store writer: latest state per entity, one write per slice, retried.
+"""The stream job's store writer: latest state per entity, written as soon as it can be, retried.
 
 The job hands every changed entity's new state to ``StoreSink.put``; the sink keeps only
 the latest state per entity (the values are absolute: a newer state replaces an older one
-whole), and a single task writes everything pending once per ``stream.slice_ms`` through
-``FeatureWriter`` (Feast's Redis layout; it never moves an entity's timestamp backwards).
+whole), and a single task writes everything pending through ``FeatureWriter`` (Feast's Redis
+layout; it never moves an entity's timestamp backwards). A write starts
+``stream.write_gather_ms`` after the first state arrives (so the other partitions' messages
+of the same slice, fetched together, join it), and the states that arrive during a write go
+in the next one: under load the writes run back to back, each taking everything pending, and
+a quiet job adds only the gather to an event's freshness (a wait of a whole slice here, on
+top of stage 1's, was a third of the freshness p99 at 5,000 events/s).
 
 No update is lost while Redis is away: a failed write puts its states back under the ones
 that arrived meanwhile (newer wins) and is retried with a doubling backoff. Memory stays
@@ -65,7 +70,7 @@ _WRITES = {"customer": metrics.STORE_WRITES.labels("customer"), "terminal": metr
 class StoreSink:
     def __init__(self, settings: Settings, writer: Writer, clock: Callable[[], float] = time.time) -> None:
         self._writer = writer
-        self._slice_s = settings.stream.slice_ms / 1000
+        self._gather_s = settings.stream.write_gather_ms / 1000
         self._retry_initial_s = settings.stream.retry_initial_s
         self._retry_max_s = settings.stream.retry_max_s
         self._max_pending = settings.stream.max_pending_entities
@@ -103,11 +108,11 @@ class StoreSink:
         await self._idle.wait()
 
     async def run(self) -> None:
-        """Writes what is pending once per slice until cancelled; then a last write."""
+        """Writes what is pending, a gather after it arrives, until cancelled; then a last write."""
         try:
             while True:
                 await self._has_pending.wait()
-                await asyncio.sleep(self._slice_s)
+                await asyncio.sleep(self._gather_s)
                 await self._write_pending()
         finally:
             self._final_write()
