@@ -230,6 +230,10 @@ class StreamSettings(BaseModel):
     # for it: repartition messages reached stage 2 1.6-3.3 s after stage 1 sent them at 5,000
     # events/s (bench/results/stream-*). librdkafka's fetch.wait.max.ms is 10 in this project too.
     fetch_wait_ms: int = 10
+    # Per table, the latest states kept in memory in front of the rocksdb store (reads from
+    # rocksdict cost the event loop a GIL hand-back each; workers/stream/tables.py): about
+    # 0.3 KB each for a typical card, up to ~100 KB for one at the event cap.
+    state_cache_entities: int = 100_000
     # faust's default linger of 0 sent one produce request per message (~100 events/s measured).
     producer_linger_ms: float = 10.0
     commit_interval_s: float = 1.0

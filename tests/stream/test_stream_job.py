@@ -48,8 +48,12 @@ def test_events_end_in_the_store_as_the_truth_and_a_replay_changes_nothing(job: 
         replayed = h.wait_for_metric(
             port, "fraudscore_stream_events_total", {"kind": "transaction", "result": "replay"}, len(txns), 60
         )
-        # Counted once per transaction (on its customer's side), though both sides skip it.
-        assert replayed == len(txns)
+        # Every transaction was seen again and skipped. Not "exactly once each": faust resumes
+        # the repartition partitions before it seeks them to their committed offsets, so a
+        # message fetched in between is delivered again after the seek (at-least-once; seen in
+        # 1 run of 2 before 2026-12-07 too). That each replay counts once, not once per side,
+        # is tests/stream/test_tables.py's.
+        assert replayed >= len(txns)
         # Labels come from their own topic, in slices of their own: waited for too, not assumed done.
         label_replays = h.wait_for_metric(
             port, "fraudscore_stream_events_total", {"kind": "label", "result": "replay"}, len(labels), 60

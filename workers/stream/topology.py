@@ -229,6 +229,7 @@ class _Side:
     count: Callable[[state.Applied, Counter], None]
     event_times: Callable[[list], list[int]]  # the events whose freshness its write shows
     stored: Callable[[Any], bytes]  # state -> the packed value the store holds
+    cache: tables.StateCache  # its table's latest states, in front of a rocksdb store
 
 
 class FeatureJob:
@@ -251,11 +252,13 @@ class FeatureJob:
             "customer", "customer_id", d.CUSTOMER_VIEW, self.customers, CUSTOMERS_TABLE,
             changelog_topic(settings, CUSTOMERS_TABLE), state.decode_customer_state, state.seeded_customer,
             state.apply_customer, _count_customer, _all_times, lambda c: c.events,
+            tables.StateCache(settings.stream.state_cache_entities),
         )  # fmt: skip
         self._terminal_side = _Side(
             "terminal", "terminal_id", d.TERMINAL_VIEW, self.terminals, TERMINALS_TABLE,
             changelog_topic(settings, TERMINALS_TABLE), state.decode_terminal_state, state.seeded_terminal,
             state.apply_terminal, _count_terminal, _transaction_times, lambda t: t.tiles,
+            tables.StateCache(settings.stream.state_cache_entities),
         )  # fmt: skip
         self._recovered = asyncio.Event()
         self._state_bytes = {"customer": 0, "terminal": 0}
@@ -307,7 +310,7 @@ class FeatureJob:
         if not events:
             return rows, _NO_TIMES
         batch = state.group_by_entity(events, side.id_field)
-        table = tables.for_message(side.table, partition)
+        table = tables.for_message(side.table, partition, side.cache)
         keys = [b"%d" % entity_id for entity_id in batch]
         befores = table.get_many(keys)
         seeds = await self._seeds(side.view, [entity_id for entity_id, before in zip(batch, befores) if before is None])
@@ -407,7 +410,7 @@ class FeatureJob:
         try:
             fetcher = self.app.consumer._thread._ensure_consumer()._fetcher  # type: ignore[attr-defined]
             before, fetcher._fetch_max_wait_ms = fetcher._fetch_max_wait_ms, wait_ms
-        except AttributeError as exc:  # faust or aiokafka moved it: slower, not wrong
+        except Exception as exc:  # not started, or faust or aiokafka moved it: slower, not wrong
             log.warning("could not set the repartition fetch wait (%s); faust's own applies", exc)
             return
         if before != wait_ms:
@@ -416,6 +419,8 @@ class FeatureJob:
     async def _rewrite(self, side: _Side) -> None:
         self._rewind_uncommitted_partitions()
         self._shorten_fetch_wait()
+        # Recovery wrote the store directly, and partitions may have moved: nothing cached holds.
+        side.cache.clear()
         active = self._active_partitions(side.table_name)
         rows: Rows = {}
         size = 0
