@@ -58,7 +58,7 @@ def test_events_end_in_the_store_as_the_truth_and_a_replay_changes_nothing(job: 
         label_replays = h.wait_for_metric(
             port, "fraudscore_stream_events_total", {"kind": "label", "result": "replay"}, len(labels), 60
         )
-        assert label_replays == len(labels)
+        assert label_replays >= len(labels)  # at least once, as the transactions above
         assert h.metric_value(port, "fraudscore_stream_events_total", {"kind": "transaction", "result": "applied"}) == 0
         assert h.store_matches(job, customers, terminals) == []
     finally:

@@ -5,7 +5,7 @@ import warnings
 
 from workers.proto.fraud.v1 import fraud_pb2 as workers_dot_proto_dot_fraud_dot_v1_dot_fraud__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
