@@ -179,12 +179,13 @@ class FeatureWriter:
         not write (no ``_us:<view>``), i.e. what a materialization left."""
         spec = self._views[view]
         argv = [spec.feature_field, spec.us_field, spec.ts_field, int(backfill_only)]
+        starts = range(0, len(entity_ids), ENTITIES_PER_CALL)
         calls = [
             ([spec.key(int(entity_id)) for entity_id in entity_ids[start : start + ENTITIES_PER_CALL]], argv)
-            for start in range(0, len(entity_ids), ENTITIES_PER_CALL)
+            for start in starts
         ]
         states = {}
-        for start, found in zip(range(0, len(entity_ids), ENTITIES_PER_CALL), self._run(self._read_script, calls)):
+        for start, found in zip(starts, self._run(self._read_script, calls)):
             for at in range(0, len(found), 4):
                 index, raw, us, ts = found[at : at + 4]
                 states[entity_ids[start + int(index) - 1]] = (

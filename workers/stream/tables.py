@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
+from faust.stores import memory, rocksdb
+
 
 class PartitionState(Protocol):
     def get_many(self, keys: list[bytes]) -> list[bytes | None]: ...
@@ -62,8 +64,6 @@ class StateCache:
 def for_message(table: Any, partition: int, cache: StateCache) -> PartitionState:
     """The store of ``table``'s partition ``partition``, for one message's keys; ``cache``
     serves a rocksdb store's reads (the other stores are in memory already)."""
-    from faust.stores import memory, rocksdb
-
     store = table.data
     if isinstance(store, memory.Store):
         return _Mapping(store.data)
