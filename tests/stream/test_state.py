@@ -7,7 +7,7 @@ import random
 from collections import Counter, defaultdict
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from workers.features import history
@@ -121,8 +121,10 @@ def test_old_days_and_their_fraud_sets_are_trimmed() -> None:
 
 def _terminal_truth(events: list[state.TerminalEvent]) -> list[tuple[int, int, int]]:
     """Tiles from the events one by one, the obvious way: each (source, offset) once, fraud as
-    the size of each day's final set of fraud-labelled ids (nothing late, nothing trimmed)."""
-    seen, tx, fraud = set(), Counter(), defaultdict(set)
+    the size of each day's final set of fraud-labelled ids (nothing late, nothing trimmed). A
+    day has a tile once a transaction or a change of its fraud set touched it, even if a later
+    withdrawal emptied the set (the code before 2026-12-07 kept that tile too)."""
+    seen, tx, fraud, touched = set(), Counter(), defaultdict(set), set()
     for e in events:
         if (e.source, e.offset) in seen:
             continue
@@ -130,11 +132,14 @@ def _terminal_truth(events: list[state.TerminalEvent]) -> list[tuple[int, int, i
         day = e.time_us // US_PER_DAY - BASE_US // US_PER_DAY
         if not e.transaction_id:
             tx[day] += 1
-        elif e.is_fraud:
+            touched.add(day)
+        elif e.is_fraud and e.transaction_id not in fraud[day]:
             fraud[day].add(e.transaction_id)
-        else:
+            touched.add(day)
+        elif not e.is_fraud and e.transaction_id in fraud[day]:
             fraud[day].discard(e.transaction_id)
-    return [(day, tx[day], len(fraud[day])) for day in sorted(tx.keys() | {d for d, ids in fraud.items() if ids})]
+            touched.add(day)
+    return [(day, tx[day], len(fraud[day])) for day in sorted(touched)]
 
 
 @settings(max_examples=60, deadline=None)
@@ -145,6 +150,7 @@ def _terminal_truth(events: list[state.TerminalEvent]) -> list[tuple[int, int, i
     st.lists(st.integers(1, 9), min_size=1, max_size=6),
     st.integers(0, 2**16),
 )
+@example(specs=[(0, "a", True), (0, "a", False)], cuts=[1], seed=0)  # a label, then its withdrawal
 def test_terminal_state_in_any_batches_with_replays_equals_the_events_one_by_one(
     specs: list[tuple[int, str, bool]], cuts: list[int], seed: int
 ) -> None:
