@@ -142,14 +142,14 @@ class Changelog:
     (``tables``) and the changelog record to the same partition faust would use (the message
     being processed).
 
-    Records wait here until faust's pre-commit flush, keeping each key's latest value only, as
-    Kafka Streams' record caches do: a compacted changelog keeps only the latest value per key
-    anyway, and a busy entity then costs one record per commit instead of one per message.
-    faust computes the offsets to commit from the messages already processed, then awaits
-    ``app.producer.flush()``, then commits. That flush is wrapped to produce every waiting
-    record and wait for the broker's acks, so a committed offset never runs ahead of its
-    changelog records (at-least-once, as faust's own path). A crash loses only records of
-    uncommitted messages, which are read and applied again."""
+    A message's records are handed to librdkafka at the end of the message, before its states
+    reach the store sink. (Keeping them until faust's pre-commit flush, as Kafka Streams'
+    record caches do, failed the parity test after kill -9: the sink had written a first-seen
+    entity to Redis, the changelog had no record of it, and the restarted job seeded it as
+    unseen without its backfill.) faust computes the offsets to commit from the messages
+    already processed, then awaits ``app.producer.flush()``, then commits. That flush is
+    wrapped to produce anything waiting and wait for the broker's acks, so a committed offset
+    never runs ahead of its changelog records (at-least-once, as faust's own path)."""
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
         from workers.kafka.config import connection_config
@@ -177,7 +177,7 @@ class Changelog:
 
         async def flush() -> None:
             await faust_flush()
-            self._produce_waiting()
+            self.produce_waiting()
             await asyncio.to_thread(self._flush_all)
 
         producer.flush = flush  # type: ignore[method-assign]
@@ -187,7 +187,7 @@ class Changelog:
         """Where one message's writes to one changelog partition go: key -> latest value."""
         return self._waiting.setdefault((topic, partition), {})
 
-    def _produce_waiting(self) -> None:
+    def produce_waiting(self) -> None:
         """Hands every waiting record to librdkafka (on the loop: no write interleaves). Its own
         ``produce`` is called straight, and the retrying one (which waits for room) only when
         the local queue is full."""
@@ -209,7 +209,7 @@ class Changelog:
         self._producer.poll(0)
 
     def close(self) -> None:
-        self._produce_waiting()
+        self.produce_waiting()
         self._flush_all()
 
 
@@ -337,6 +337,9 @@ class FeatureJob:
             if applied.changed or applied.replays:
                 rows[entity_id] = (stored(new), new.latest_us)
         table.write()
+        # Sent before the sink can write these states to Redis: a state in Redis with no
+        # changelog record would, after a kill, be seeded as unseen without its backfill.
+        self.changelog.produce_waiting()
         side.count(total, tally)
         self._state_bytes[side.kind] += grown
         self._state_entities[side.kind] += new_entities
