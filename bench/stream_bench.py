@@ -62,11 +62,24 @@ def applied(metrics: dict) -> float:
     return metrics.get(("fraudscore_stream_events_total", (("kind", "transaction"), ("result", "applied"))), 0.0)
 
 
-def start_profile(pid: int, path: Path, mode: str) -> subprocess.Popen:
+def start_profile(pid: int, path: Path, mode: str, rate: int = 250) -> subprocess.Popen:
     """py-spy (this venv's) on the job, its threads apart, until SIGINT: raw collapsed stacks.
     ``gil``: only samples holding the GIL (what bounds the process); ``idle``: waits too."""
     py_spy = Path(sys.executable).with_name("py-spy")
-    command = [str(py_spy), "record", "-p", str(pid), "-r", "250", "-f", "raw", "--threads", "-o", str(path)]
+    command = [
+        str(py_spy),
+        "record",
+        "-p",
+        str(pid),
+        "-r",
+        str(rate),
+        "-f",
+        "raw",
+        "--threads",
+        "--nonblocking",
+        "-o",
+        str(path),
+    ]
     command += {"cpu": [], "gil": ["--gil"], "idle": ["--idle"]}[mode]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -188,15 +201,19 @@ def settle(port: int, timeout_s: float = 120) -> None:
         time.sleep(1)
 
 
-def histogram_quantiles(before: dict, after: dict, entity: str) -> dict[str, float | int]:
+def histogram_quantiles(
+    before: dict, after: dict, label: str, value_of_label: str, metric: str = "fraudscore_feature_freshness_seconds"
+) -> dict[str, float | int]:
+    """p50/p99 (bucket upper bounds) of the observations between two scrapes of ``metric``
+    with ``label`` = ``value_of_label``."""
     buckets = []
     for (name, labels), value in after.items():
-        if name == "fraudscore_feature_freshness_seconds_bucket" and dict(labels).get("entity") == entity:
+        if name == f"{metric}_bucket" and dict(labels).get(label) == value_of_label:
             le = float(dict(labels)["le"])
             buckets.append((le, value - before.get((name, labels), 0.0)))
     buckets.sort()
     total = buckets[-1][1] if buckets else 0
-    result: dict[str, float | int] = {"events": int(total)}
+    result: dict[str, float | int] = {"observations": int(total)}
     for q in (0.5, 0.99):
         result[f"p{int(q * 100)}_s_at_most"] = next((le for le, c in buckets if total and c >= q * total), float("nan"))
     return result
@@ -215,6 +232,10 @@ def main() -> int:
     parser.add_argument("--slice-ms", type=float, default=20.0)
     parser.add_argument("--profile", type=Path, help="py-spy the job over the replay, raw stacks to this file")
     parser.add_argument("--profile-mode", choices=("cpu", "gil", "idle"), default="cpu")
+    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples a second")
+    parser.add_argument(
+        "--profile-phase", choices=("replay", "live"), default="replay", help="live: over the last rate's phase"
+    )
     parser.add_argument("--backlog", choices=("running", "before-start"), default="running")
     parser.add_argument("--store", choices=("memory", "rocksdb"), default="memory", help="the job's table store")
     args = parser.parse_args()
@@ -261,7 +282,8 @@ def main() -> int:
                 if applied(scrape(port)) > 0:
                     cpu_before = cpu_seconds(worker.process.pid)
                     first = time.monotonic()
-                    spy = start_profile(worker.process.pid, args.profile, args.profile_mode) if args.profile else None
+                    if args.profile and args.profile_phase == "replay":
+                        spy = start_profile(worker.process.pid, args.profile, args.profile_mode, args.profile_rate)
             except OSError:
                 pass
             time.sleep(0.05)
@@ -281,18 +303,33 @@ def main() -> int:
             count = metrics.get(("fraudscore_stream_state_entities", (("entity", kind),)), 0.0)
             result[f"state_bytes_per_{kind}"] = round(size / count) if count else None
         total = args.replay
-        for rate in (int(r) for r in args.rates.split(",")):
+        rates = [int(r) for r in args.rates.split(",")]
+        for rate in rates:
             before = scrape(port)
             n = int(rate * args.seconds)
+            cpu_at_start = cpu_seconds(worker.process.pid)
+            if args.profile and args.profile_phase == "live" and rate == rates[-1]:
+                spy = start_profile(worker.process.pid, args.profile, args.profile_mode, args.profile_rate)
             achieved = produce_live(kafka, rate, n, args.customers, args.terminals)
+            if args.profile and args.profile_phase == "live" and spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
             total += n
             wait_applied(port, total, 120)
+            # Before settle(): its wait is idle, but the job's timers still run.
+            cpu_per_event = (cpu_seconds(worker.process.pid) - cpu_at_start) / n
             settle(port)
             after = scrape(port)
             result[f"freshness_at_{rate}_per_s"] = {
                 "achieved_rate": round(achieved),
-                "customer": histogram_quantiles(before, after, "customer"),
-                "terminal": histogram_quantiles(before, after, "terminal"),
+                "cpu_us_per_event": round(cpu_per_event * 1e6, 1),
+                "customer": histogram_quantiles(before, after, "entity", "customer"),
+                "terminal": histogram_quantiles(before, after, "entity", "terminal"),
+                # Where the freshness goes: per repartition message, per store write.
+                "stages": {
+                    stage: histogram_quantiles(before, after, "stage", stage, "fraudscore_stream_stage_seconds")
+                    for stage in ("source", "repartition", "apply", "store_write")
+                },
             }
     finally:
         worker.stop()

@@ -193,6 +193,16 @@ for _kind, _result in (
     ("label", "applied"), ("label", "replay"), ("label", "late"), ("label", "dlq"),
 ):  # fmt: skip
     STREAM_EVENTS.labels(_kind, _result)
+STREAM_STAGE = Histogram(
+    "fraudscore_stream_stage_seconds",
+    "Stream feature job, where an event's freshness goes, per repartition message or store "
+    "write: source (a source event sent -> its slice forwarded by stage 1, the slice's oldest "
+    "event), repartition (stage 1 sent it -> stage 2 starts it; the lag the message-count gauge "
+    "cannot see while a fetch is held), apply (stage 2's work on it), store_write (one write of "
+    "the pending states to the online store).",
+    ["stage"],
+    buckets=FRESHNESS_BUCKETS_S,
+)
 STORE_WRITES = Counter(
     "fraudscore_stream_store_writes_total",
     "Stream feature job: entity states written to the online store, by entity kind.",

@@ -64,6 +64,7 @@ _FRESHNESS = {
     "customer": metrics.FEATURE_FRESHNESS.labels("customer"),
     "terminal": metrics.FEATURE_FRESHNESS.labels("terminal"),
 }
+_WRITE_TIME = metrics.STREAM_STAGE.labels("store_write")
 _WRITES = {"customer": metrics.STORE_WRITES.labels("customer"), "terminal": metrics.STORE_WRITES.labels("terminal")}
 
 
@@ -122,8 +123,10 @@ class StoreSink:
         while True:
             batch, self._pending = self._pending, _Pending()
             self._has_pending.clear()
+            started = time.monotonic()
             try:
                 await asyncio.to_thread(self._writer.write, batch.customers, batch.terminals)
+                _WRITE_TIME.observe(time.monotonic() - started)
             except Exception as exc:  # Redis down or refusing: keep every state, retry
                 self.failures += 1
                 metrics.STORE_WRITE_ERRORS.inc()

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _INVALID_TRANSACTIONS = metrics.STREAM_EVENTS.labels("transaction", "invalid")
 _DEAD_LETTERED_LABELS = metrics.STREAM_EVENTS.labels("label", "dlq")
+_SLICE_AGE = metrics.STREAM_STAGE.labels("source")
 _LAG_EVERY_S = 5.0
 
 # (topic, partition or None, key, value, headers): one message to send, kept until delivered.
@@ -120,6 +121,23 @@ def route_labels(
     return terminals, bad
 
 
+def encode_batches(customers: list, terminals: list, max_bytes: int) -> list[bytes]:
+    """One partition's events as encoded ``EntityBatch`` messages of at most ``max_bytes``
+    each (an event is far smaller: the codecs refuse source events over 64 KB). Each entity
+    kind keeps its events' order across the messages (one partition's messages are delivered
+    in order); the two kinds are independent states, so they may part."""
+    payload = state.batch_encoder.encode(state.EntityBatch(customers, terminals))
+    if len(payload) <= max_bytes or len(customers) + len(terminals) <= 1:
+        return [payload]
+    if customers and terminals:
+        return encode_batches(customers, [], max_bytes) + encode_batches([], terminals, max_bytes)
+    events = customers or terminals
+    halves = events[: len(events) // 2], events[len(events) // 2 :]
+    if customers:
+        return [payload for half in halves for payload in encode_batches(half, [], max_bytes)]
+    return [payload for half in halves for payload in encode_batches([], half, max_bytes)]
+
+
 def dead_letter(message: Message, exc: InvalidEvent, dlq_topic: str) -> Outgoing:
     topic, partition, offset = position(message)
     headers: Headers = [
@@ -153,6 +171,7 @@ class SourceSplitter:
         self._partitions = stream.partitions
         self._slice_s = stream.slice_ms / 1000
         self._batch_max = stream.batch_max
+        self._message_max_bytes = stream.message_max_bytes
         self._transactions, self._labels = kafka.transactions_topic, kafka.labels_topic
         self._by_entity = by_entity_topic(settings)
         self._dlq = kafka.labels_dlq_topic
@@ -274,20 +293,17 @@ class SourceSplitter:
             _DEAD_LETTERED_LABELS.inc(len(bad))
         outgoing += self._batches(customers, terminals)
         self._deliver(outgoing)
+        # The slice's first message is its oldest: producers stamp CreateTime as they send.
+        _SLICE_AGE.observe(max(0.0, time.time() - messages[0].timestamp()[1] / 1000))
         self._consumer.store_offsets(offsets=next_offsets(messages))
 
     def _batches(self, customers: dict[int, list], terminals: dict[int, list]) -> list[Outgoing]:
-        """One message per partition with events, both entity kinds together."""
-        encode = state.batch_encoder.encode
+        """One message per partition with events, both entity kinds together (more than one
+        where a catch-up slice's events of one partition exceed ``stream.message_max_bytes``)."""
         return [
-            (
-                self._by_entity,
-                p,
-                str(p).encode(),
-                encode(state.EntityBatch(customers.get(p, []), terminals.get(p, []))),
-                None,
-            )
+            (self._by_entity, p, str(p).encode(), payload, None)
             for p in sorted(customers.keys() | terminals.keys())
+            for payload in encode_batches(customers.get(p, []), terminals.get(p, []), self._message_max_bytes)
         ]
 
     def _deliver(self, outgoing: list[Outgoing]) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ _EVENTS = {
         ("label", "applied"), ("label", "replay"), ("label", "late"), ("label", "dlq"),
     )
 }  # fmt: skip
+
+
+_REPARTITION_AGE = metrics.STREAM_STAGE.labels("repartition")
+_APPLY_TIME = metrics.STREAM_STAGE.labels("apply")
 
 
 def changelog_topic(settings: Settings, table: str) -> str:
@@ -204,10 +209,6 @@ class Changelog:
         while self._producer.flush(5) > 0:
             log.warning("changelog records still unacknowledged after 5 s; waiting")
 
-    def poll(self) -> None:
-        """Serves delivery reports; once per batch, not per record (a call costs as much as a produce)."""
-        self._producer.poll(0)
-
     def close(self) -> None:
         self.produce_waiting()
         self._flush_all()
@@ -289,6 +290,9 @@ class FeatureJob:
     async def _entity_state(self, stream) -> None:
         async for event in stream.events():
             await self.sink.wait_for_room()
+            started = time.time()
+            # Stage 1's producer stamps CreateTime: how long the message took to reach here.
+            _REPARTITION_AGE.observe(max(0.0, started - event.message.timestamp))
             batch = state.batch_decoder.decode(event.value)
             partition = event.message.partition
             # Counted per message, not per entity: a counter increment takes a lock.
@@ -298,8 +302,8 @@ class FeatureJob:
             for kind_result, n in tally.items():
                 if n:
                     _EVENTS[kind_result].inc(n)
-            self.changelog.poll()
             self.sink.put(customers, terminals, customer_times, terminal_times)
+            _APPLY_TIME.observe(time.time() - started)
 
     async def _apply(self, side: _Side, events: list, partition: int, tally: Counter) -> tuple[Rows, np.ndarray]:
         """Applies one partition's events of one entity kind: (rows for the store, the event
