@@ -5,6 +5,7 @@ outage and two processes sharing the partitions; bad labels end in their DLQ wit
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -12,6 +13,7 @@ import redis
 from tests.kafka.harness import Collector
 from tests.stream import harness as h
 from workers.settings import Settings
+from workers.stream.topology import CUSTOMERS_TABLE, TERMINALS_TABLE, changelog_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
@@ -63,6 +65,65 @@ def test_events_end_in_the_store_as_the_truth_and_a_replay_changes_nothing(job: 
         assert h.store_matches(job, customers, terminals) == []
     finally:
         worker.stop()
+
+
+def _persisted_offsets(data_dir, table: str) -> dict[int, int]:
+    """Partition -> the changelog offset faust's rocksdb store says it holds (the job stopped)."""
+    import rocksdict
+
+    offsets = {}
+    for path in data_dir.glob(f"**/{table}-*.db"):
+        db = rocksdict.Rdict(
+            str(path), options=rocksdict.Options(raw_mode=True), access_type=rocksdict.AccessType.read_only()
+        )
+        try:
+            value = db.get(b"__faust\0offset__")
+        finally:
+            db.close()
+        if value is not None:
+            offsets[int(path.name.removesuffix(".db").rsplit("-", 1)[1])] = int(value)
+    return offsets
+
+
+def _last_offsets(job: Settings, topic: str) -> dict[int, int]:
+    """Partition -> its last record's offset, for the partitions holding any."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from workers.kafka.config import connection_config
+
+    consumer = Consumer({**connection_config(job.kafka, "test"), "group.id": "offsets-probe"})
+    try:
+        ends = {}
+        for partition in range(job.stream.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if high > low:
+                ends[partition] = high - 1
+        return ends
+    finally:
+        consumer.close()
+
+
+def test_rocksdb_records_the_changelog_offset_its_states_reach(job: Settings, tmp_path) -> None:
+    """A restart reads the changelog only past the offset the store records. The job writes
+    its changelog itself (not through faust's send path), so it must record that offset too:
+    otherwise it moved only in recovery, and every restart re-read everything since the last."""
+    job = job.model_copy(update={"stream": job.stream.model_copy(update={"store": "rocksdb"})})
+    txns, labels = _events(400, seed=5)
+    h.produce_transactions(job.kafka, txns)
+    h.produce_labels(job.kafka, labels)
+    env = h.job_env(job, "p")
+    worker = h.start_job(env, tmp_path / "job.log")
+    try:
+        problems = h.wait_for_store(job, h.truth_customers(txns), h.truth_terminals(txns, labels), STORE_TIMEOUT_S)
+        assert problems == [], problems[:8]
+        time.sleep(job.stream.commit_interval_s * 4)  # commits after the last message
+    finally:
+        worker.stop()
+    data_dir = Path(env["FRAUDSCORE_STREAM__DATA_DIR"])
+    for table in (CUSTOMERS_TABLE, TERMINALS_TABLE):
+        ends = _last_offsets(job, changelog_topic(job, table))
+        assert ends, f"no {table} changelog records"
+        assert _persisted_offsets(data_dir, table) == ends, table
 
 
 @pytest.mark.parametrize(

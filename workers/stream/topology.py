@@ -45,6 +45,7 @@ from typing import Any
 
 import faust
 import numpy as np
+from faust.types import TP
 
 from workers import metrics
 from workers.features import definitions as d
@@ -154,7 +155,14 @@ class Changelog:
     unseen without its backfill.) faust computes the offsets to commit from the messages
     already processed, then awaits ``app.producer.flush()``, then commits. That flush is
     wrapped to produce anything waiting and wait for the broker's acks, so a committed offset
-    never runs ahead of its changelog records (at-least-once, as faust's own path)."""
+    never runs ahead of its changelog records (at-least-once, as faust's own path).
+
+    After those acks, each changelog partition's last acknowledged offset is persisted in the
+    table's store, as faust does for its own changelog sends (``set_persisted_offset``): a
+    rocksdb store then holds the states up to it (each message's states are written to the
+    store before its records are produced), and a restart reads only the changelog past it.
+    Without it the persisted offset moved only in recovery, and every restart re-read all the
+    changelog written since the previous one."""
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
         from workers.kafka.config import connection_config
@@ -167,11 +175,18 @@ class Changelog:
                 "acks": "all",
                 "enable.idempotence": True,
                 "queue.buffering.max.messages": 1_000_000,
+                "on_delivery": self._on_delivery,
             }
         )
         self._app = app
         self._wrapped = False
         self._waiting: dict[tuple[str, int], dict[bytes, bytes]] = {}  # (topic, partition) -> key -> value
+        self._tables: dict[str, Any] = {}  # changelog topic -> its table
+        self._acked: dict[tuple[str, int], int] = {}  # (topic, partition) -> last acknowledged offset
+
+    def track(self, topic: str, table: Any) -> None:
+        """Persists ``table``'s changelog offsets (``topic``) in its store after each commit's acks."""
+        self._tables[topic] = table
 
     def wrap_flush(self) -> None:
         """Makes faust's pre-commit flush send and wait for this producer's records too (once, after start)."""
@@ -184,6 +199,7 @@ class Changelog:
             await faust_flush()
             self.produce_waiting()
             await asyncio.to_thread(self._flush_all)
+            self.persist_offsets()
 
         producer.flush = flush  # type: ignore[method-assign]
         self._wrapped = True
@@ -204,6 +220,25 @@ class Changelog:
                     produce(topic, value, key, partition)
                 except BufferError:
                     self._producer.produce(topic, key=key, value=value, partition=partition)
+
+    def _on_delivery(self, error: Any, message: Any) -> None:
+        """librdkafka's report for one record, served by ``flush`` (or by a produce waiting
+        for room): the highest offset acknowledged per changelog partition."""
+        if error is None:
+            tp, offset = (message.topic(), message.partition()), message.offset()
+            if offset > self._acked.get(tp, -1):
+                self._acked[tp] = offset
+
+    def persist_offsets(self) -> None:
+        """Records each active changelog partition's last acknowledged offset in its table's
+        store (on the loop, after the flush: the reports are all in)."""
+        acked, self._acked = self._acked, {}
+        actives = self._app.assignor.assigned_actives()
+        for (topic, partition), offset in acked.items():
+            tp = TP(topic, partition)
+            table = self._tables.get(topic)
+            if table is not None and tp in actives:
+                table.data.set_persisted_offset(tp, offset)
 
     def _flush_all(self) -> None:
         while self._producer.flush(5) > 0:
@@ -249,6 +284,8 @@ class FeatureJob:
         self.by_entity = _raw_topic(app, by_entity_topic(settings), n, internal=True)
         self.customers = _raw_table(app, CUSTOMERS_TABLE, n)
         self.terminals = _raw_table(app, TERMINALS_TABLE, n)
+        self.changelog.track(changelog_topic(settings, CUSTOMERS_TABLE), self.customers)
+        self.changelog.track(changelog_topic(settings, TERMINALS_TABLE), self.terminals)
         self._customer_side = _Side(
             "customer", "customer_id", d.CUSTOMER_VIEW, self.customers, CUSTOMERS_TABLE,
             changelog_topic(settings, CUSTOMERS_TABLE), state.decode_customer_state, state.seeded_customer,
