@@ -33,7 +33,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, TopicPartition
 
 from workers import codec, metrics
 from workers.errors import InvalidEvent
@@ -293,8 +293,11 @@ class SourceSplitter:
             _DEAD_LETTERED_LABELS.inc(len(bad))
         outgoing += self._batches(customers, terminals)
         self._deliver(outgoing)
-        # The slice's first message is its oldest: producers stamp CreateTime as they send.
-        _SLICE_AGE.observe(max(0.0, time.time() - messages[0].timestamp()[1] / 1000))
+        # The slice's first message is its oldest: producers stamp CreateTime as they send
+        # (a producer too old to stamp one gives no timestamp, and no observation).
+        kind, sent_ms = messages[0].timestamp()
+        if kind != TIMESTAMP_NOT_AVAILABLE and sent_ms > 0:
+            _SLICE_AGE.observe(max(0.0, time.time() - sent_ms / 1000))
         self._consumer.store_offsets(offsets=next_offsets(messages))
 
     def _batches(self, customers: dict[int, list], terminals: dict[int, list]) -> list[Outgoing]:
