@@ -253,6 +253,18 @@ def wait_for_store(
     return problems
 
 
+def watermarks(kafka: KafkaSettings, topic: str) -> dict[int, tuple[int, int]]:
+    """Partition -> (low, high) watermark offsets of ``topic``, from the broker."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**connection_config(kafka, "watermarks"), "group.id": "watermarks-probe"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in sorted(partitions)}
+    finally:
+        consumer.close()
+
+
 def rewind_sources(settings: Settings) -> None:
     """Sets the job's committed offsets on its source topics back to 0 (job stopped): a
     start then re-reads everything, which the job must recognise as replays."""

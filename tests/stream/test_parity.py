@@ -74,17 +74,8 @@ def _applied(metrics_port: int) -> float:
 
 
 def _end_offsets(settings: Settings) -> list[TopicPartition]:
-    consumer = Consumer({**connection_config(settings.kafka, "parity"), "group.id": "parity-probe"})
-    try:
-        metadata = consumer.list_topics(settings.kafka.transactions_topic, timeout=10)
-        partitions = metadata.topics[settings.kafka.transactions_topic].partitions
-        ends = []
-        for p in sorted(partitions):
-            _, high = consumer.get_watermark_offsets(TopicPartition(settings.kafka.transactions_topic, p), timeout=10)
-            ends.append(TopicPartition(settings.kafka.transactions_topic, p, high))
-        return ends
-    finally:
-        consumer.close()
+    topic = settings.kafka.transactions_topic
+    return [TopicPartition(topic, p, high) for p, (_, high) in h.watermarks(settings.kafka, topic).items()]
 
 
 def _commit_group_at(settings: Settings, offsets: list[TopicPartition]) -> None:

@@ -87,20 +87,7 @@ def _persisted_offsets(data_dir, table: str) -> dict[int, int]:
 
 def _last_offsets(job: Settings, topic: str) -> dict[int, int]:
     """Partition -> its last record's offset, for the partitions holding any."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    from workers.kafka.config import connection_config
-
-    consumer = Consumer({**connection_config(job.kafka, "test"), "group.id": "offsets-probe"})
-    try:
-        ends = {}
-        for partition in range(job.stream.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            if high > low:
-                ends[partition] = high - 1
-        return ends
-    finally:
-        consumer.close()
+    return {p: high - 1 for p, (low, high) in h.watermarks(job.kafka, topic).items() if high > low}
 
 
 def test_rocksdb_records_the_changelog_offset_its_states_reach(job: Settings, tmp_path) -> None:
