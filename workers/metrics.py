@@ -203,6 +203,11 @@ STREAM_STAGE = Histogram(
     ["stage"],
     buckets=FRESHNESS_BUCKETS_S,
 )
+STREAM_STALLS = Counter(
+    "fraudscore_stream_partition_stalls_total",
+    "Stream feature job: repartition partitions found unread with messages waiting "
+    "(stream.stall_after_s) and read again from their committed offsets.",
+)
 STORE_WRITES = Counter(
     "fraudscore_stream_store_writes_total",
     "Stream feature job: entity states written to the online store, by entity kind.",

@@ -255,6 +255,10 @@ class StreamSettings(BaseModel):
     retry_initial_s: float = 0.1
     retry_max_s: float = 2.0
     max_pending_entities: int = 200_000
+    # A repartition partition with messages waiting and none processed for this long, while
+    # the job could take them, is resumed and read again from its committed offset
+    # (workers/stream/stalls.py). Longer than any wait for a slice in a catch-up.
+    stall_after_s: float = 20.0
 
 
 class Settings(BaseSettings):

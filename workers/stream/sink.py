@@ -104,6 +104,9 @@ class StoreSink:
     async def wait_for_room(self) -> None:
         await self._room.wait()
 
+    def has_room(self) -> bool:
+        return self._room.is_set()
+
     async def drained(self) -> None:
         """Returns once everything put so far is in the store."""
         await self._idle.wait()

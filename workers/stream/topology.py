@@ -50,7 +50,7 @@ from faust.types import TP
 from workers import metrics
 from workers.features import definitions as d
 from workers.settings import Settings
-from workers.stream import state, tables
+from workers.stream import stalls, state, tables
 from workers.stream.sink import StoreSink
 from workers.stream.split import SourceSplitter, by_entity_topic
 
@@ -71,6 +71,7 @@ _EVENTS = {
 }  # fmt: skip
 
 
+_REPORT_EVERY_S = 5.0
 _REPARTITION_AGE = metrics.STREAM_STAGE.labels("repartition")
 _APPLY_TIME = metrics.STREAM_STAGE.labels("apply")
 
@@ -298,7 +299,12 @@ class FeatureJob:
             state.apply_terminal, _count_terminal, _transaction_times, lambda t: t.tiles,
             tables.StateCache(settings.stream.state_cache_entities),
         )  # fmt: skip
-        self._recovered = asyncio.Event()
+        # Stage 2's own record of what it processed, per repartition partition: what the stall
+        # watch compares with the broker's (``stalls``). _message_started: None between messages.
+        self._processed: dict[int, int] = {}
+        self._message_started: float | None = None
+        self._stalls = stalls.StallWatch(settings.stream.stall_after_s)
+        self._resume_partitions: Callable[[set[TP]], None] | None = None  # faust's own, see _hold_repartition...
         self._state_bytes = {"customer": 0, "terminal": 0}
         self._state_entities = {"customer": 0, "terminal": 0}
         # The source topics' lag is stage 1's to report (``split``).
@@ -311,7 +317,7 @@ class FeatureJob:
         app = self.app
         app.agent(self.by_entity, name="entity-state")(self._entity_state)
         app.task(self._run_sink)
-        app.timer(5.0)(self._report)
+        app.timer(_REPORT_EVERY_S)(self._report)
         self.customers.on_recover(self._rewrite_customers)
         self.terminals.on_recover(self._rewrite_terminals)
 
@@ -328,6 +334,7 @@ class FeatureJob:
         async for event in stream.events():
             await self.sink.wait_for_room()
             started = time.time()
+            self._message_started = time.monotonic()
             # Stage 1's producer stamps CreateTime: how long the message took to reach here.
             _REPARTITION_AGE.observe(max(0.0, started - event.message.timestamp))
             batch = state.batch_decoder.decode(event.value)
@@ -341,6 +348,8 @@ class FeatureJob:
                     _EVENTS[kind_result].inc(n)
             self.sink.put(customers, terminals, customer_times, terminal_times)
             _APPLY_TIME.observe(time.time() - started)
+            self._processed[partition] = event.message.offset
+            self._message_started = None
 
     async def _apply(self, side: _Side, events: list, partition: int, tally: Counter) -> tuple[Rows, np.ndarray]:
         """Applies one partition's events of one entity kind: (rows for the store, the event
@@ -440,10 +449,46 @@ class FeatureJob:
                 if tp.topic == by_entity and not (offset and offset > 0):
                     log.info("%s[%d] has no committed offset: read from its start", tp.topic, tp.partition)
                     await consumer.seek(tp, 0)
+            # Read from here on: processing starts again at these offsets.
+            sought = {tp.partition: offset for tp, offset in committed.items() if tp.topic == by_entity}
+            self._processed.update(stalls.baseline(sought))
+            self._stalls.pause()
             return committed
 
         consumer.seek_to_committed = seek_to_committed_or_start
         consumer._rewinds_uncommitted = True
+
+    def _hold_repartition_until_flow_resumes(self) -> None:
+        """faust ends a recovery with: resume the stream partitions, seek them to their
+        committed offsets, empty every stream's queue (``flow_control.resume()``), resume the
+        flow. The flow is on while it seeks (faust turned it on to read the changelogs), so a
+        message fetched meanwhile reached a stream's queue and moved faust's read offset past
+        it; the queue was then emptied, and the message's second delivery after the seek was
+        dropped as already read. A partition lost those events until it was read again (the
+        replay test, 1 run in 12: one partition's ~150 events). So the repartition partitions
+        stay out of faust's active set until the flow resumes, when nothing empties the queues
+        any more: they are then read from where faust's seek left them. Only within one
+        generation: held partitions of a rebalanced generation wait for that one's recovery.
+        Wrapped once, from the recovery callback, which runs before faust resumes them."""
+        consumer: Any = self.app.consumer
+        if getattr(consumer, "_holds_repartition", False):
+            return
+        resume_partitions, resume_flow = consumer.resume_partitions, consumer.resume_flow
+        hold = stalls.RepartitionHold(by_entity_topic(self.settings))
+
+        def resume_all_but_repartition(tps) -> None:
+            resume_partitions(hold.on_resume_partitions(tps, self.app.consumer_generation_id))
+
+        def resume_flow_then_repartition() -> None:
+            resume_flow()
+            held = hold.on_resume_flow(self.app.consumer_generation_id, consumer.assignment())
+            if held:
+                resume_partitions(held)
+
+        self._resume_partitions = resume_partitions
+        consumer.resume_partitions = resume_all_but_repartition
+        consumer.resume_flow = resume_flow_then_repartition
+        consumer._holds_repartition = True
 
     def _shorten_fetch_wait(self) -> None:
         """Sets ``stream.fetch_wait_ms`` as the most the broker may hold stage 2's fetches
@@ -462,6 +507,7 @@ class FeatureJob:
 
     async def _rewrite(self, side: _Side) -> None:
         self._rewind_uncommitted_partitions()
+        self._hold_repartition_until_flow_resumes()
         self._shorten_fetch_wait()
         # Recovery wrote the store directly, and partitions may have moved: nothing cached holds.
         side.cache.clear()
@@ -500,6 +546,36 @@ class FeatureJob:
             highwater = consumer.highwater(tp)
             if position is not None and highwater is not None:
                 metrics.STREAM_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+        await self._watch_stalls()
+
+    async def _watch_stalls(self) -> None:
+        """Resumes and re-reads from the committed offsets any repartition partition that
+        stage 2 stopped reading (``stalls``). Only while it could read: not in a rebalance, not
+        held by the store (back-pressure, or one message's Redis reads retried)."""
+        now = time.monotonic()
+        held = self._message_started is not None and now - self._message_started > _REPORT_EVERY_S
+        if self.app.rebalancing or held or not self.sink.has_room():
+            self._stalls.pause()
+            return
+        consumer = self.app.consumer
+        by_entity = by_entity_topic(self.settings)
+        tps = [tp for tp in consumer.assignment() if tp.topic == by_entity]
+        if not tps:
+            return
+        highwaters = await consumer.highwaters(*tps)
+        ends = {tp.partition: end for tp, end in highwaters.items()}
+        stalled = self._stalls.check(now, self._processed, ends)
+        if not stalled:
+            return
+        for partition in stalled:
+            log.warning(
+                "%s[%d]: messages up to offset %d wait, and none past %d was processed for %.0f s; "
+                "resuming it and seeking every partition to its committed offset",
+                by_entity, partition, ends[partition] - 1, self._processed.get(partition, -1), self._stalls.after_s,
+            )  # fmt: skip
+        metrics.STREAM_STALLS.inc(len(stalled))
+        (self._resume_partitions or consumer.resume_partitions)({TP(by_entity, partition) for partition in stalled})
+        await consumer.perform_seek()
 
 
 def _count_customer(applied: state.Applied, tally: Counter) -> None:
