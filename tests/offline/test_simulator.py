@@ -85,6 +85,28 @@ def test_live_stream_uses_the_training_population() -> None:
     assert len({tx.transaction_id for tx in batch}) == len(batch)
 
 
+def test_a_card_gap_keeps_each_card_to_one_event_per_gap_and_shortens_batches_past_it() -> None:
+    stream = LiveStream.create(config=SMALL, card_gap_s=600)
+    drawable = int(np.count_nonzero(stream._drawable()))
+    now = 10**15
+    first = stream.batch_arrays(drawable - 10, now_us=now)["customer_id"]
+    assert len(set(first.tolist())) == len(first) == drawable - 10
+    assert len(stream.batch_arrays(50, now_us=now + 599 * US_PER_SECOND)["customer_id"]) == 10  # the rest only
+    assert len(stream.batch_arrays(5, now_us=now + 599 * US_PER_SECOND)["customer_id"]) == 0
+    again = stream.batch_arrays(drawable, now_us=now + 600 * US_PER_SECOND)["customer_id"]
+    assert len(again) == drawable - 10  # the first batch's cards are free again, the last ten not yet
+    assert stream.sustainable_rate() == pytest.approx(drawable / 600)
+
+
+def test_without_a_card_gap_the_stream_draws_as_it_did() -> None:
+    """Benchmarks compare runs across sessions: the gap must not move the default stream."""
+    stream = LiveStream.create(config=SMALL)
+    rng = np.random.default_rng([SMALL.seed, 1])
+    weights = stream._drawable()
+    expected = rng.choice(SMALL.n_customers, size=500, p=weights / weights.sum())
+    assert stream.batch_arrays(500, now_us=0)["customer_id"].tolist() == expected.tolist()
+
+
 def test_stream_transactions_are_stamped_now() -> None:
     before = time.time_ns() // 1000
     events = [tx for tx, _ in zip(stream_transactions(seed=1, config=SMALL), range(50))]

@@ -17,6 +17,7 @@ the decisions topic here, and plays three more parts itself:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import signal
 import subprocess
@@ -40,6 +41,17 @@ _GRPC_BUDGET_MS = 10.0
 _BURST_AFTER_S = 10.0  # after the worker and the job are ready: the reports have started
 _BURST_GAP_S = 1.0  # well above the job's freshness: each purchase sees the ones before it
 _BURST_PREFIX = "burst-"
+# The demo's cards: more of them than the Handbook's 5,000, over a shorter history (as many
+# transactions, the 30-day windows and the 7-day label delay still covered), and no card paying
+# twice within _CARD_GAP_S. A live stream runs far faster than the history's ~2 payments a
+# card a day; without the gap every card made a burst of its own (at 500 events/s over 5,000
+# cards, one payment every 10 s each), and the velocity features declined nearly half of them.
+# Three payments in 10 minutes, or at three terminals within an hour, are HIGH_VELOCITY
+# (workers.engine.decide): 30 minutes keeps an ordinary card below both. The stream then gives
+# at most ~11 events/s (``fraudscore produce`` warns past it).
+_DEMO_CUSTOMERS = 20_000
+_DEMO_DAYS = 45
+_CARD_GAP_S = 30 * 60
 
 
 class CallerStats:
@@ -68,7 +80,8 @@ def run_demo(settings: Settings, rate: float, seconds: float | None) -> int:
     scorer_env = _scorer_env()
     worker = subprocess.Popen([*fraudscore, "serve"], env=scorer_env)
     server = subprocess.Popen([*fraudscore, "grpc"], env=scorer_env)
-    producer = subprocess.Popen([*fraudscore, "produce", "--rate", str(rate), "--bad-every", "500"])
+    cards = ["--customers", str(_DEMO_CUSTOMERS), "--card-gap-s", str(_CARD_GAP_S)]
+    producer = subprocess.Popen([*fraudscore, "produce", "--rate", str(rate), "--bad-every", "500", *cards])
     callers = CallerStats()
     threads = [
         threading.Thread(target=_call_grpc, args=(settings, callers, stop), name="demo-grpc-caller", daemon=True),
@@ -170,7 +183,7 @@ def _load_features(settings: Settings):
 
     started = time.perf_counter()
     print("simulating a transaction history that ends now, and loading its state into the online store ...", flush=True)
-    history = simulate_transactions(SimulatorConfig.ending_now())
+    history = simulate_transactions(SimulatorConfig.ending_now(n_customers=_DEMO_CUSTOMERS, n_days=_DEMO_DAYS))
     load_online(settings, history)
     print(f"  {len(history)} transactions loaded in {time.perf_counter() - started:.0f} s", flush=True)
     return history
@@ -192,6 +205,7 @@ def _publish_labels(settings: Settings, history, stop: threading.Event) -> None:
 def _card_testing(settings: Settings, stop: threading.Event) -> None:
     """The fraudster: one stolen card, small purchases then large ones, one every _BURST_GAP_S."""
     from workers.offline.producer import DemoProducer
+    from workers.offline.simulator import SimulatorConfig
 
     ports = (settings.metrics.port, settings.metrics.stream_port)  # the worker's and the feature job's
     while not all(is_ready(port) for port in ports):
@@ -199,7 +213,8 @@ def _card_testing(settings: Settings, stop: threading.Event) -> None:
             return
     if stop.wait(_BURST_AFTER_S):
         return
-    producer = DemoProducer(settings.kafka)  # seed 0: the population the history was simulated for
+    # Seed 0 and the demo's size: the population the history was simulated for.
+    producer = DemoProducer(settings.kafka, config=SimulatorConfig(n_customers=_DEMO_CUSTOMERS))
     burst = producer.stream.card_testing_burst()
     print(f"\n>>> card {burst[0].customer_id}: card-testing burst of {len(burst)} purchases starts\n", flush=True)
     for i, txn in enumerate(burst):
@@ -221,10 +236,13 @@ async def _caller_loop(settings: Settings, callers: CallerStats, stop: threading
     import asyncio
 
     from workers.errors import ClientError
-    from workers.offline.simulator import LiveStream
+    from workers.offline.simulator import LiveStream, SimulatorConfig
     from workers.rpc.client import ScoringClient
 
-    stream = LiveStream.create(seed=7)
+    # The demo's cards, drawn in an order of their own (scored, not published: no feature moves).
+    stream = dataclasses.replace(
+        LiveStream.create(config=SimulatorConfig(n_customers=_DEMO_CUSTOMERS)), rng=np.random.default_rng(7)
+    )
     target = f"{settings.grpc.host}:{settings.grpc.port}"
     while not stop.is_set():
         try:

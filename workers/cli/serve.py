@@ -101,14 +101,20 @@ def _produce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("json", "protobuf"), default="json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad-every", type=int, default=0, help="every Nth event is garbage (DLQ demo)")
+    p.add_argument("--customers", type=int, default=0, help="the population's size (0: the simulator's default)")
+    p.add_argument("--card-gap-s", type=float, default=0.0, help="least seconds between two events of one card")
 
 
 @command("produce", "publish simulated live transactions to the transactions topic at a rate", _produce_args)
 def _produce(args: argparse.Namespace) -> int:
     from workers.offline.producer import DemoProducer
+    from workers.offline.simulator import SimulatorConfig
 
     settings = load_settings()
-    producer = DemoProducer(settings.kafka, seed=args.seed, fmt=args.format, bad_every=args.bad_every)
+    config = SimulatorConfig(seed=args.seed, n_customers=args.customers) if args.customers else None
+    producer = DemoProducer(
+        settings.kafka, args.seed, args.format, args.bad_every, config=config, card_gap_s=args.card_gap_s
+    )
     stop = _stop_on_signals()
     sent = producer.run(rate=args.rate, count=args.count or None, should_stop=stop.is_set)
     print(f"produced {sent} events to {settings.kafka.transactions_topic}")
@@ -116,7 +122,9 @@ def _produce(args: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rate", type=float, default=500.0)
+    # What the demo's cards give at a realistic pace (``demo._CARD_GAP_S``); the benchmarks
+    # (bench/) are where the paths run at thousands a second.
+    p.add_argument("--rate", type=float, default=10.0)
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
 
 

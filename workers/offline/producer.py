@@ -3,6 +3,7 @@ labels when they come due (the demo's chargeback desk)."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -12,17 +13,29 @@ import numpy as np
 from workers import codec
 from workers.kafka.config import connection_config
 from workers.kafka.producer import RetryingProducer
-from workers.offline.simulator import LiveStream
+from workers.offline.simulator import LiveStream, SimulatorConfig
 from workers.records import FraudLabel, Transaction
 from workers.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
 
 _TICK_S = 0.01  # send in 10 ms slices: smooth enough for latency measurements, cheap enough
 
 
 class DemoProducer:
-    def __init__(self, kafka: KafkaSettings, seed: int = 0, fmt: str = "json", bad_every: int = 0) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        seed: int = 0,
+        fmt: str = "json",
+        bad_every: int = 0,
+        config: SimulatorConfig | None = None,
+        card_gap_s: float = 0.0,
+    ) -> None:
+        """``config``: the population (default: the seed's, as simulated by default);
+        ``card_gap_s``: the least time between two events of one card (``LiveStream``)."""
         self._kafka = kafka
-        self._stream = LiveStream.create(seed=seed)
+        self._stream = LiveStream.create(seed=seed, config=config, card_gap_s=card_gap_s)
         self._encode, self._content_type = codec.TRANSACTION_ENCODERS[fmt]
         self._bad_every = bad_every
         self._run_id = uuid.uuid4().hex[:8]  # transaction ids unique across producer runs
@@ -30,6 +43,12 @@ class DemoProducer:
         self.sent = 0
 
     def run(self, rate: float, count: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> int:
+        sustainable = self._stream.sustainable_rate()
+        if rate > sustainable:
+            log.warning(
+                "%.0f events/s asked, but with a card gap of %.0f s the population gives at most %.1f",
+                rate, self._stream.card_gap_s, sustainable,
+            )  # fmt: skip
         started = time.monotonic()
         while not should_stop() and (count is None or self.sent < count):
             due = int((time.monotonic() - started + _TICK_S) * rate) - self.sent
