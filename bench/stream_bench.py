@@ -14,6 +14,10 @@ isolated topics and a Feast project of its own:
    the job's ``fraudscore_feature_freshness_seconds`` histogram (event time -> written in
    Redis) over that phase gives p50/p99 (bucket upper bounds, so at most one bucket high);
 3. state: the job's state bytes / entities gauges.
+With ``--scorer on`` (the default) the scoring worker (``fraudscore serve``) runs beside the job
+from the end of the replay on, reading the store the job writes: it scores every live event,
+as in production, and each rate reports its decisions and its event -> decision p50/p99.
+``--scorer off`` measures the job alone (the figures before 2026-12-07 13:00 UTC).
 Prints a summary and writes bench/results/stream-<stamp>.{json,md}.
 """
 
@@ -34,11 +38,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from confluent_kafka import Producer
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.kafka.harness import free_port
 from tests.stream import harness as h
 from workers import codec
+from workers.features import watermark
 from workers.health import is_ready
 from workers.kafka.admin import default_topics, delete_topics, ensure_topics, isolated
 from workers.kafka.config import connection_config
@@ -158,6 +165,48 @@ def produce_live(kafka, rate: float, n: int, customers: int, terminals: int) -> 
     return achieved
 
 
+def start_scorer(job, tmp: Path) -> tuple[h.WorkerProcess, int]:
+    """The scoring worker on the job's transactions and store, its group committed at the
+    topic's end: it scores the live phases only, not the replay's backlog."""
+    # The replay is this project's backfill: the store counts as loaded from here on.
+    watermark.write(redis.Redis.from_url(job.redis.url), job.feast.project, "stream-bench replay")
+    kafka = job.kafka
+    topic = kafka.transactions_topic
+    ends = [TopicPartition(topic, p, high) for p, (_, high) in h.watermarks(kafka, topic).items()]
+    consumer = Consumer({**connection_config(kafka, "bench"), "group.id": kafka.group_id})
+    try:
+        consumer.commit(offsets=ends, asynchronous=False)
+    finally:
+        consumer.close()
+    port = free_port()
+    env = {
+        **h.job_env(job, "scorer"),
+        "FRAUDSCORE_KAFKA__DECISIONS_TOPIC": kafka.decisions_topic,
+        "FRAUDSCORE_KAFKA__DLQ_TOPIC": kafka.dlq_topic,
+        "FRAUDSCORE_KAFKA__GROUP_ID": kafka.group_id,
+        "FRAUDSCORE_METRICS__PORT": str(port),
+    }
+    log_file = (tmp / "scorer.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers", "serve"], env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT
+    )
+    return h.WorkerProcess(process, tmp / "scorer.log"), port
+
+
+def scorer_phase(before: dict, after: dict, cpu_s: float, n: int) -> dict:
+    """What the scorer did over one live phase: decisions, event -> decision, CPU per event."""
+
+    def delta(name: str) -> int:
+        return int(sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name))
+
+    return {
+        "decisions": delta("fraudscore_decisions_total"),
+        "degraded": delta("fraudscore_degraded_decisions_total"),
+        "end_to_end": histogram_quantiles(before, after, "stage", "end_to_end", "fraudscore_stage_latency_seconds"),
+        "cpu_us_per_event": round(cpu_s / n * 1e6, 1),
+    }
+
+
 def wait_applied(port: int, target: float, timeout_s: float) -> tuple[float | None, float | None]:
     """(monotonic time of the first applied event, of the target reached)."""
     first = None
@@ -185,6 +234,14 @@ def wait_ready(port: int, timeout_s: float) -> None:
             raise TimeoutError(f"the job was not ready within {timeout_s} s")
         time.sleep(0.2)
     time.sleep(2)
+
+
+def wait_scorer_ready(scorer: h.WorkerProcess, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not is_ready(port):
+        if time.monotonic() > deadline or scorer.process.poll() is not None:
+            raise RuntimeError(f"the scorer was not ready within {timeout_s} s:\n{scorer.log()[-2000:]}")
+        time.sleep(0.2)
 
 
 def settle(port: int, timeout_s: float = 120) -> None:
@@ -238,6 +295,9 @@ def main() -> int:
     )
     parser.add_argument("--backlog", choices=("running", "before-start"), default="running")
     parser.add_argument("--store", choices=("memory", "rocksdb"), default="memory", help="the job's table store")
+    parser.add_argument(
+        "--scorer", choices=("on", "off"), default="on", help="the scoring worker beside the live phases"
+    )
     args = parser.parse_args()
 
     base = load_settings()
@@ -270,7 +330,9 @@ def main() -> int:
         "terminals": args.terminals,
         "partitions": args.partitions,
         "slice_ms": args.slice_ms,
+        "scorer": args.scorer,
     }
+    scorer, scorer_port = None, 0
     try:
         cpu_before = None
         first, done = None, None
@@ -303,11 +365,16 @@ def main() -> int:
             count = metrics.get(("fraudscore_stream_state_entities", (("entity", kind),)), 0.0)
             result[f"state_bytes_per_{kind}"] = round(size / count) if count else None
         total = args.replay
+        if args.scorer == "on":
+            scorer, scorer_port = start_scorer(job, tmp)
+            wait_scorer_ready(scorer, scorer_port, 120)
         rates = [int(r) for r in args.rates.split(",")]
         for rate in rates:
             before = scrape(port)
+            scorer_before = scrape(scorer_port) if scorer else {}
             n = int(rate * args.seconds)
             cpu_at_start = cpu_seconds(worker.process.pid)
+            scorer_cpu_at_start = cpu_seconds(scorer.process.pid) if scorer else 0.0
             if args.profile and args.profile_phase == "live" and rate == rates[-1]:
                 spy = start_profile(worker.process.pid, args.profile, args.profile_mode, args.profile_rate)
             achieved = produce_live(kafka, rate, n, args.customers, args.terminals)
@@ -318,9 +385,10 @@ def main() -> int:
             wait_applied(port, total, 120)
             # Before settle(): its wait is idle, but the job's timers still run.
             cpu_per_event = (cpu_seconds(worker.process.pid) - cpu_at_start) / n
+            scorer_cpu = cpu_seconds(scorer.process.pid) - scorer_cpu_at_start if scorer else 0.0
             settle(port)
             after = scrape(port)
-            result[f"freshness_at_{rate}_per_s"] = {
+            phase = result[f"freshness_at_{rate}_per_s"] = {
                 "achieved_rate": round(achieved),
                 "cpu_us_per_event": round(cpu_per_event * 1e6, 1),
                 "customer": histogram_quantiles(before, after, "entity", "customer"),
@@ -331,8 +399,13 @@ def main() -> int:
                     for stage in ("source", "repartition", "apply", "store_write")
                 },
             }
+            if scorer:
+                phase["scorer"] = scorer_phase(scorer_before, scrape(scorer_port), scorer_cpu, n)
     finally:
         worker.stop()
+        if scorer:
+            scorer.stop()
+            watermark.clear(redis.Redis.from_url(job.redis.url), job.feast.project)
         # The job's own topics too: a broker that keeps every run's changelogs starts slower
         # and compacts them in the background, disturbing the next run.
         delete_topics(kafka, [*topics, *job_topics(job), f"{job.stream.app_id}-__assignor-__leader"])
