@@ -39,10 +39,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.kafka.harness import free_port
+from tests.kafka.harness import WorkerProcess, feast_env, free_port, start_worker, worker_env
 from tests.stream import harness as h
 from workers import codec
 from workers.features import watermark
@@ -165,32 +165,21 @@ def produce_live(kafka, rate: float, n: int, customers: int, terminals: int) -> 
     return achieved
 
 
-def start_scorer(job, tmp: Path) -> tuple[h.WorkerProcess, int]:
+def start_scorer(job, tmp: Path) -> tuple[WorkerProcess, int]:
     """The scoring worker on the job's transactions and store, its group committed at the
     topic's end: it scores the live phases only, not the replay's backlog."""
     # The replay is this project's backfill: the store counts as loaded from here on.
     watermark.write(redis.Redis.from_url(job.redis.url), job.feast.project, "stream-bench replay")
     kafka = job.kafka
-    topic = kafka.transactions_topic
-    ends = [TopicPartition(topic, p, high) for p, (_, high) in h.watermarks(kafka, topic).items()]
-    consumer = Consumer({**connection_config(kafka, "bench"), "group.id": kafka.group_id})
-    try:
-        consumer.commit(offsets=ends, asynchronous=False)
-    finally:
-        consumer.close()
+    h.commit_group_at(kafka, h.end_offsets(kafka, kafka.transactions_topic))
     port = free_port()
-    env = {
-        **h.job_env(job, "scorer"),
-        "FRAUDSCORE_KAFKA__DECISIONS_TOPIC": kafka.decisions_topic,
-        "FRAUDSCORE_KAFKA__DLQ_TOPIC": kafka.dlq_topic,
-        "FRAUDSCORE_KAFKA__GROUP_ID": kafka.group_id,
-        "FRAUDSCORE_METRICS__PORT": str(port),
-    }
-    log_file = (tmp / "scorer.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "workers", "serve"], env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT
+    env = worker_env(
+        kafka,
+        feast_env(job),
+        FRAUDSCORE_METRICS__PORT=str(port),
+        FRAUDSCORE_KAFKA__DECISION_FORMAT=job.kafka.decision_format,  # as configured, not the tests' protobuf
     )
-    return h.WorkerProcess(process, tmp / "scorer.log"), port
+    return start_worker(env, tmp / "scorer.log"), port
 
 
 def scorer_phase(before: dict, after: dict, cpu_s: float, n: int) -> dict:
@@ -236,7 +225,7 @@ def wait_ready(port: int, timeout_s: float) -> None:
     time.sleep(2)
 
 
-def wait_scorer_ready(scorer: h.WorkerProcess, port: int, timeout_s: float) -> None:
+def wait_scorer_ready(scorer: WorkerProcess, port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not is_ready(port):
         if time.monotonic() > deadline or scorer.process.poll() is not None:

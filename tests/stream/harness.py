@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests.kafka.harness import WorkerProcess, free_port
 from workers import codec
@@ -255,12 +255,25 @@ def wait_for_store(
 
 def watermarks(kafka: KafkaSettings, topic: str) -> dict[int, tuple[int, int]]:
     """Partition -> (low, high) watermark offsets of ``topic``, from the broker."""
-    from confluent_kafka import Consumer, TopicPartition
-
     consumer = Consumer({**connection_config(kafka, "watermarks"), "group.id": "watermarks-probe"})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in sorted(partitions)}
+    finally:
+        consumer.close()
+
+
+def end_offsets(kafka: KafkaSettings, topic: str) -> list[TopicPartition]:
+    """Each partition of ``topic`` at its high watermark, to commit."""
+    return [TopicPartition(topic, p, high) for p, (_, high) in watermarks(kafka, topic).items()]
+
+
+def commit_group_at(kafka: KafkaSettings, offsets: list[TopicPartition]) -> None:
+    """The scoring worker's group (``kafka.group_id``) starts at these offsets: it scores only
+    what comes after."""
+    consumer = Consumer({**connection_config(kafka, "test"), "group.id": kafka.group_id})
+    try:
+        consumer.commit(offsets=offsets, asynchronous=False)
     finally:
         consumer.close()
 

@@ -12,7 +12,6 @@ import urllib.request
 import numpy as np
 import pandas as pd
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from tests.kafka.harness import RecordingReader, free_port, worker_in_process
 from tests.stream import harness as h
@@ -20,7 +19,6 @@ from workers.features import definitions as d
 from workers.features import offline
 from workers.features.online import make_reader
 from workers.features.store import load_online
-from workers.kafka.config import connection_config
 from workers.offline import replay
 from workers.offline.simulator import SimulatorConfig, simulate_transactions
 from workers.records import FraudLabel, Transaction
@@ -73,20 +71,6 @@ def _applied(metrics_port: int) -> float:
     return 0.0
 
 
-def _end_offsets(settings: Settings) -> list[TopicPartition]:
-    topic = settings.kafka.transactions_topic
-    return [TopicPartition(topic, p, high) for p, (_, high) in h.watermarks(settings.kafka, topic).items()]
-
-
-def _commit_group_at(settings: Settings, offsets: list[TopicPartition]) -> None:
-    """The scoring worker's group starts at these offsets: it scores only what comes after."""
-    consumer = Consumer({**connection_config(settings.kafka, "parity"), "group.id": settings.kafka.group_id})
-    try:
-        consumer.commit(offsets=offsets, asynchronous=False)
-    finally:
-        consumer.close()
-
-
 def _replay(job: Settings, plan: replay.ReplayPlan, tmp_path, kill: bool):
     """The replayed days and their labels through a job process; returns the running process
     once the store equals the truth (with ``kill``: a restarted one, the first was SIGKILLed
@@ -132,7 +116,7 @@ def test_replayed_history_serves_the_test_day_exactly_as_training(
     try:
         # The test day reaches the job first (the store then holds every test transaction too:
         # harmless, windows end before each one's own time), then the worker scores it.
-        start = _end_offsets(job)
+        start = h.end_offsets(job.kafka, job.kafka.transactions_topic)
         test = _transactions(plan.test)
         h.produce_transactions(job.kafka, test)
         everything = pd.concat([plan.backfill, plan.replay, plan.test])
@@ -147,7 +131,7 @@ def test_replayed_history_serves_the_test_day_exactly_as_training(
             )
             == []
         )
-        _commit_group_at(job, start)
+        h.commit_group_at(job.kafka, start)
         reader = RecordingReader(make_reader(job))
         with worker_in_process(job, reader) as worker:
             deadline = time.monotonic() + 60
