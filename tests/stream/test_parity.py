@@ -80,7 +80,10 @@ def _replay(job: Settings, plan: replay.ReplayPlan, tmp_path, kill: bool):
     slices = {"FRAUDSCORE_STREAM__BATCH_MAX": "100"} if kill else {}
     env = h.job_env(job, "parity", FRAUDSCORE_METRICS__STREAM_PORT=str(metrics_port), **slices)
     txns = _transactions(plan.replay)
-    h.produce_transactions(job.kafka, txns)
+    # Killed: the last third is produced only after the kill, so the kill lands inside the
+    # replay however fast the job applies (a half-way poll once saw the whole replay applied).
+    before_kill = len(txns) * 2 // 3 if kill else len(txns)
+    h.produce_transactions(job.kafka, txns[:before_kill])
     h.produce_labels(job.kafka, _labels(plan.labels))
     process = h.start_job(env, tmp_path / "job.log")
     try:
@@ -89,8 +92,9 @@ def _replay(job: Settings, plan: replay.ReplayPlan, tmp_path, kill: bool):
             while _applied(metrics_port) < len(txns) / 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             applied = _applied(metrics_port)
-            assert 0 < applied < len(txns), f"not in the middle of the replay: {applied} of {len(txns)} applied"
+            assert len(txns) / 2 <= applied < len(txns), f"not in the middle of the replay: {applied} of {len(txns)}"
             process.kill_hard()
+            h.produce_transactions(job.kafka, txns[before_kill:])
             process = h.start_job(env, tmp_path / "job-restarted.log")
         known = pd.concat([plan.backfill, plan.replay])
         labels = replay.labels_of(known)
